@@ -1,0 +1,167 @@
+"""The served model `animal`: preprocessing + Keras CNN + recommender, as one MLflow pyfunc.
+
+Input: a DataFrame with a column `image` (base64 text or raw bytes of an image file).
+Output: one row per image with label, confidence, probabilities, uncertain, similar and error.
+The contract is in ../shared/DESIGN.md ("The served model").
+"""
+from __future__ import annotations
+
+import json
+import os
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.models import ModelSignature  # noqa: E402
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: E402
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
+
+from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image  # noqa: E402
+from pyfunc.recommender import Recommender  # noqa: E402
+
+EMBEDDING_LAYER = "embedding"
+DEFAULT_K = 5
+DEFAULT_THRESHOLD = 0.6
+MAX_K = 100
+BATCH = 256  # images per forward pass: bounds memory for large requests
+OUTPUT_COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error"]
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema(
+        [
+            ColSpec("string", "label", required=False),
+            ColSpec("double", "confidence", required=False),
+            ColSpec("string", "probabilities", required=False),
+            ColSpec("boolean", "uncertain", required=False),
+            ColSpec("string", "similar", required=False),
+            ColSpec("string", "error", required=False),
+        ]
+    ),
+    params=ParamSchema(
+        [ParamSpec("k", "long", DEFAULT_K), ParamSpec("threshold", "double", DEFAULT_THRESHOLD)]
+    ),
+)
+
+
+def with_embedding(classifier):
+    """The classifier as a model with two outputs, probabilities and embedding: one forward pass
+    answers both "which animal" and "which images are similar"."""
+    import keras
+
+    inputs = keras.Input(shape=classifier.input_shape[1:])
+    outputs, embedding = inputs, None
+    for layer in classifier.layers:
+        outputs = layer(outputs)
+        if layer.name == EMBEDDING_LAYER:
+            embedding = outputs
+    return keras.Model(inputs, [outputs, embedding])
+
+
+class AnimalModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        import keras
+
+        config = json.loads(Path(context.artifacts["config"]).read_text())
+        self.labels: list[str] = config["labels"]
+        self.image_size: int = config["image_size"]
+        self.max_pixels: int = config.get("max_pixels", MAX_PIXELS)
+        classifier = keras.models.load_model(context.artifacts["keras_model"], compile=False)
+        self.network = with_embedding(classifier)
+        self.recommender = Recommender(context.artifacts["recommender"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        k, threshold = _read_params(params or {})
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise MlflowException(
+                "the input needs a column named 'image' (base64-encoded image file bytes)",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        rows: list[dict] = []
+        arrays: list[np.ndarray] = []
+        readable: list[int] = []
+        for value in model_input["image"]:
+            try:
+                arrays.append(load_image(decode_payload(value), self.image_size, self.max_pixels))
+                readable.append(len(rows))
+                rows.append({})
+            except ImageError as error:
+                rows.append(_error_row(str(error)))
+        for start in range(0, len(arrays), BATCH):
+            batch = np.stack(arrays[start : start + BATCH])
+            probabilities, embeddings = (np.asarray(t) for t in self.network(batch, training=False))
+            for index, p, e in zip(readable[start : start + BATCH], probabilities, embeddings):
+                rows[index] = self._answer(p, e, k, threshold)
+        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
+
+    def _answer(self, probabilities: np.ndarray, embedding: np.ndarray, k: int, threshold: float) -> dict:
+        best = int(np.argmax(probabilities))
+        label, confidence = self.labels[best], float(probabilities[best])
+        return {
+            "label": label,
+            "confidence": round(confidence, 6),
+            "probabilities": {name: round(float(p), 6) for name, p in zip(self.labels, probabilities)},
+            "uncertain": confidence < threshold,
+            "similar": self.recommender.similar(embedding, label, k),
+            "error": None,
+        }
+
+
+def _error_row(message: str) -> dict:
+    return {"label": None, "confidence": None, "probabilities": None, "uncertain": None,
+            "similar": [], "error": message}
+
+
+def _read_params(params: dict) -> tuple[int, float]:
+    try:
+        k = int(params.get("k", DEFAULT_K))
+        threshold = float(params.get("threshold", DEFAULT_THRESHOLD))
+    except (TypeError, ValueError):
+        raise MlflowException("params: k must be an integer, threshold a number",
+                              error_code=INVALID_PARAMETER_VALUE) from None
+    if not 0 <= k <= MAX_K or not 0.0 <= threshold <= 1.0:
+        raise MlflowException(f"params: k must be in 0..{MAX_K}, threshold in 0..1",
+                              error_code=INVALID_PARAMETER_VALUE)
+    return k, threshold
+
+
+def pip_requirements() -> list[str]:
+    """What the served model needs, pinned to what trained it (inference misses pillow and keras)."""
+    packages = ["mlflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow"]
+    return [f"{name}=={version(name)}" for name in packages]
+
+
+def log_animal_model(
+    classifier,
+    labels: list[str],
+    image_size: int,
+    gallery_db: Path,
+    example_image: bytes,
+    workdir: Path,
+    name: str = "model",
+):
+    """Log the pyfunc `animal` model in the active run; returns MLflow's ModelInfo."""
+    import base64
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    keras_path = workdir / "classifier.keras"
+    classifier.save(keras_path)
+    config_path = workdir / "config.json"
+    config_path.write_text(json.dumps({"labels": list(labels), "image_size": image_size, "max_pixels": MAX_PIXELS}))
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=AnimalModel(),
+        artifacts={"keras_model": str(keras_path), "config": str(config_path), "recommender": str(gallery_db)},
+        code_paths=[str(Path(__file__).parent)],
+        pip_requirements=pip_requirements(),
+        signature=SIGNATURE,
+        input_example=(pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]}),
+                       {"k": DEFAULT_K, "threshold": DEFAULT_THRESHOLD}),
+    )

@@ -1,0 +1,241 @@
+"""extract: a source of images -> the image store (<split>/<label>/<file>) + a metadata CSV.
+
+The source is `synthetic` (the embedded, seeded generator) or an AFHQ download: a folder or a
+.zip laid out as {train,val}/{cat,dog,wild}/*.jpg, optionally under one top folder (afhq/).
+Unreadable or non-image files are skipped with a warning and counted; they never stop a run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+from tqdm import tqdm
+
+from pyfunc.preprocess import ImageError, load_image
+
+log = logging.getLogger("extract")
+
+SPLITS = ("train", "val")
+LABELS = ("cat", "dog", "wild")
+MAX_FILE_BYTES = 50 * 1024 * 1024
+CSV_COLUMNS = ["path", "split", "label", "sha256", "width", "height", "bytes", "source", "attributes"]
+
+
+class SourceError(Exception):
+    """The source is missing or not laid out as expected."""
+
+
+@dataclass
+class ExtractReport:
+    written: int = 0
+    unchanged: int = 0
+    skipped: list[str] = field(default_factory=list)  # "<name>: <why>"
+    ignored: int = 0  # files outside {train,val}/{cat,dog,wild}/
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    split: str
+    label: str
+    name: str
+    data: bytes
+    attributes: dict
+
+
+def extract(
+    source: str,
+    image_store: Path,
+    metadata_csv: Path,
+    images_per_class: int = 600,
+    val_fraction: float = 0.2,
+    seed: int = 42,
+) -> ExtractReport:
+    """Write every usable image of `source` into the store and list them all in `metadata_csv`."""
+    report = ExtractReport()
+    if source == "synthetic":
+        images = _synthetic(images_per_class, val_fraction, seed)
+        total, source_name = len(LABELS) * images_per_class, "synthetic"
+    else:
+        images, total, source_name = _afhq(Path(source), report)
+
+    rows = []
+    for image in tqdm(images, total=total or None, desc="extract", unit="img", disable=None):
+        try:
+            width, height = _check_image(image.data)
+        except ImageError as error:
+            report.skipped.append(f"{image.split}/{image.label}/{image.name}: {error}")
+            log.warning("skipped %s/%s/%s: %s", image.split, image.label, image.name, error)
+            continue
+        relative = _store(image, image_store, report)
+        rows.append({
+            "path": relative, "split": image.split, "label": image.label,
+            "sha256": hashlib.sha256(image.data).hexdigest(), "width": width, "height": height,
+            "bytes": len(image.data), "source": source_name,
+            "attributes": json.dumps(image.attributes, sort_keys=True),
+        })
+    if not rows:
+        raise SourceError(f"no usable images in {source} ({len(report.skipped)} skipped)")
+    _write_csv(metadata_csv, rows)
+    return report
+
+
+def _synthetic(images_per_class: int, val_fraction: float, seed: int) -> Iterator[SourceImage]:
+    from steps.synthetic import draw_face
+
+    n_val = round(images_per_class * val_fraction)
+    for split_index, (split, count) in enumerate((("train", images_per_class - n_val), ("val", n_val))):
+        for label_index, label in enumerate(LABELS):
+            for i in range(count):
+                # Each image has its own seed: growing the data set never changes existing images.
+                image, attributes = draw_face(label, [seed, split_index, label_index, i])
+                buffer = io.BytesIO()
+                image.save(buffer, "JPEG", quality=92)
+                yield SourceImage(split, label, f"synthetic_{label}_{i:05d}.jpg", buffer.getvalue(), attributes)
+
+
+def _afhq(source: Path, report: ExtractReport) -> tuple[Iterator[SourceImage], int, str]:
+    if not source.exists():
+        raise SourceError(f"source not found: {source} (use 'synthetic' or an AFHQ folder or .zip)")
+    if source.is_dir():
+        entries = {p.relative_to(source).as_posix(): p for p in sorted(source.rglob("*")) if p.is_file()}
+        size = lambda p: p.stat().st_size  # noqa: E731
+        read = lambda p: p.read_bytes()  # noqa: E731
+    elif zipfile.is_zipfile(source):
+        archive = zipfile.ZipFile(source)
+        entries = {i.filename: i for i in archive.infolist() if not i.is_dir()}
+        size = lambda i: i.file_size  # noqa: E731
+        read = archive.read
+    else:
+        raise SourceError(f"source is neither a folder nor a .zip file: {source}")
+
+    laid_out = [(name, parts) for name, parts in ((n, _layout(n)) for n in entries) if parts]
+    report.ignored = len(entries) - len(laid_out)
+    if not laid_out:
+        raise SourceError(
+            f"no images laid out as {{train,val}}/{{cat,dog,wild}}/<file> in {source} "
+            "(optionally under one top folder such as afhq/)"
+        )
+
+    def images() -> Iterator[SourceImage]:
+        for name, (split, label, filename) in laid_out:
+            entry = entries[name]
+            if size(entry) > MAX_FILE_BYTES:
+                report.skipped.append(f"{name}: file larger than {MAX_FILE_BYTES // 2**20} MB")
+                log.warning("skipped %s: file too large", name)
+                continue
+            yield SourceImage(split, label, filename, read(entry), {})
+
+    return images(), len(laid_out), source.name
+
+
+def _layout(name: str) -> tuple[str, str, str] | None:
+    """(split, label, safe file name) for '[top/]split/label/file', else None."""
+    parts = name.split("/")
+    if len(parts) not in (3, 4) or parts[-3] not in SPLITS or parts[-2] not in LABELS:
+        return None
+    filename = parts[-1]
+    if filename.startswith("."):  # .DS_Store, ._* resource forks from macOS archives
+        return None
+    return parts[-3], parts[-2], _safe_name(filename)
+
+
+def _safe_name(filename: str) -> str:
+    """A file name safe in any store (folder or bucket): letters, digits, '.', '_' and '-'."""
+    stem, dot, suffix = filename.rpartition(".")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem if dot else filename).strip("_") or "image"
+    suffix = re.sub(r"[^A-Za-z0-9]+", "", suffix if dot else "").lower()
+    return f"{stem[:100]}.{suffix[:8]}" if suffix else stem[:100]
+
+
+def _check_image(data: bytes) -> tuple[int, int]:
+    """Width and height of a usable image; decodes it the way training will, or raises ImageError."""
+    load_image(data, 32)
+    return Image.open(io.BytesIO(data)).size
+
+
+def _store(image: SourceImage, image_store: Path, report: ExtractReport) -> str:
+    """Write the image into the store unless it is already there; returns its relative path."""
+    relative = f"{image.split}/{image.label}/{image.name}"
+    target = image_store / relative
+    if target.exists():
+        if target.read_bytes() == image.data:
+            report.unchanged += 1
+            return relative
+        # Another image already has this name: keep both rather than overwrite one.
+        stem, _, suffix = image.name.rpartition(".")
+        relative = f"{image.split}/{image.label}/{stem}-{hashlib.sha256(image.data).hexdigest()[:12]}.{suffix}"
+        target = image_store / relative
+        if target.exists():
+            report.unchanged += 1
+            return relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(target, image.data)
+    report.written += 1
+    return relative
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, target)  # a killed run never leaves half a file under the real name
+
+
+def _write_csv(metadata_csv: Path, rows: list[dict]) -> None:
+    metadata_csv.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(metadata_csv, buffer.getvalue().encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="synthetic", help="'synthetic' or an AFHQ folder or .zip")
+    parser.add_argument("--image-store", type=Path, default=Path("data/images"))
+    parser.add_argument("--metadata", type=Path, default=Path("data/metadata.csv"))
+    parser.add_argument("--images-per-class", type=int, default=600, help="synthetic only: train + val")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="synthetic only")
+    parser.add_argument("--seed", type=int, default=42, help="synthetic only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = extract(args.source, args.image_store, args.metadata, args.images_per_class,
+                         args.val_fraction, args.seed)
+    except SourceError as error:
+        print(f"extract: error: {error}", file=sys.stderr)
+        return 2
+    _log_to_mlflow(args, report)
+    print(f"extract: {report.written} written, {report.unchanged} already in the store, "
+          f"{len(report.skipped)} skipped, {report.ignored} ignored (outside the layout) -> {args.metadata}")
+    return 0
+
+
+def _log_to_mlflow(args: argparse.Namespace, report: ExtractReport) -> None:
+    """Inside `mlflow run`, record what this step did in its run."""
+    if "MLFLOW_RUN_ID" not in os.environ:
+        return
+    import mlflow
+
+    with mlflow.start_run():
+        mlflow.log_params({k: v for k, v in vars(args).items()})
+        mlflow.log_metrics({"written": report.written, "unchanged": report.unchanged,
+                            "skipped": len(report.skipped), "ignored": report.ignored})
+        if report.skipped:
+            mlflow.log_text("\n".join(report.skipped), "skipped.txt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

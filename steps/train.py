@@ -1,0 +1,272 @@
+"""train: catalogue -> tf.data pipeline -> Keras CNN -> one MLflow run with everything logged.
+
+The story, top to bottom:
+1. read the catalogue (not the folder): file paths, labels, splits, its content hash;
+2. a tf.data pipeline that decodes each image once with pyfunc.preprocess.load_image (the same
+   function serving uses), caches it, shuffles and augments the training split only;
+3. a Sequential CNN (conv blocks with BatchNorm, dropout, a named embedding layer), early stopping;
+4. log params, per-epoch metrics, training curves, confusion matrix, classification report, the
+   catalogue as the dataset input, and the model as the `animal` pyfunc with its recommender.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import keras  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
+
+from databases import catalogue  # noqa: E402
+from pyfunc.model import EMBEDDING_LAYER, log_animal_model, with_embedding  # noqa: E402
+from pyfunc.preprocess import load_image  # noqa: E402
+
+# Known, harmless warnings that would bury the training log.
+warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways")
+warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
+warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed")
+
+MODEL_TAG = "model_uri"  # run tag through which `main` and `tune` find the logged model
+
+
+@dataclass
+class Hyperparameters:
+    conv_blocks: int = 3
+    filters: int = 32  # of the first block; each block doubles it
+    dense_units: int = 128  # size of the embedding used for "similar images"
+    dropout: float = 0.3
+    learning_rate: float = 1e-3
+    augment: float = 0.1  # strength of rotation, zoom, translation and contrast
+    batch_size: int = 32
+
+
+@dataclass
+class Data:
+    """The catalogue, split and ready to feed Keras."""
+
+    labels: list[str]
+    frame: pd.DataFrame  # all catalogue rows, with absolute paths in `file`
+    train_images: tf.data.Dataset  # decoded and cached, not shuffled
+    val_images: tf.data.Dataset
+    y_train: np.ndarray
+    y_val: np.ndarray
+    content_hash: str
+
+
+def load_data(db_path: Path, image_size: int) -> Data:
+    conn = catalogue.connect(db_path, readonly=True)
+    try:
+        frame, content_hash = catalogue.images(conn), catalogue.content_hash(conn)
+    finally:
+        conn.close()
+    train_rows, val_rows = frame[frame.split == "train"], frame[frame.split == "val"]
+    if train_rows.empty or val_rows.empty:
+        raise ValueError(f"the catalogue {db_path} needs images in both splits (train: "
+                         f"{len(train_rows)}, val: {len(val_rows)})")
+    labels = sorted(train_rows.label.unique())
+    index = {label: i for i, label in enumerate(labels)}
+    return Data(
+        labels=labels,
+        frame=frame,
+        train_images=decoded_images(train_rows.file.tolist(), image_size),
+        val_images=decoded_images(val_rows.file.tolist(), image_size),
+        y_train=train_rows.label.map(index).to_numpy(np.int32),
+        y_val=val_rows.label.map(index).to_numpy(np.int32),
+        content_hash=content_hash,
+    )
+
+
+def decoded_images(files: list[str], image_size: int) -> tf.data.Dataset:
+    """Each file read and preprocessed once (in parallel), then served from the in-memory cache."""
+
+    def read(file: bytes) -> np.ndarray:
+        return load_image(Path(file.decode()).read_bytes(), image_size)
+
+    def decode(file: tf.Tensor) -> tf.Tensor:
+        image = tf.numpy_function(read, [file], tf.uint8)
+        return tf.ensure_shape(image, (image_size, image_size, 3))
+
+    return (tf.data.Dataset.from_tensor_slices(files)
+            .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .cache())
+
+
+def augmenter(strength: float, seed: int) -> keras.Sequential:
+    """Training-only augmentation; strength 0 turns it off."""
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(strength, seed=seed),
+        keras.layers.RandomZoom(strength, seed=seed),
+        keras.layers.RandomTranslation(strength / 2, strength / 2, seed=seed),
+        keras.layers.RandomContrast(min(strength * 2, 0.9), seed=seed),
+    ], name="augment")
+
+
+def pipelines(data: Data, hp: Hyperparameters, seed: int) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    train = (tf.data.Dataset.zip(data.train_images, tf.data.Dataset.from_tensor_slices(data.y_train))
+             .shuffle(len(data.y_train), seed=seed, reshuffle_each_iteration=True)
+             .batch(hp.batch_size))
+    if hp.augment > 0:
+        augment = augmenter(hp.augment, seed)
+        train = train.map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    val = tf.data.Dataset.zip(data.val_images, tf.data.Dataset.from_tensor_slices(data.y_val)).batch(256)
+    return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
+
+
+def build_model(hp: Hyperparameters, image_size: int, n_classes: int) -> keras.Sequential:
+    model = keras.Sequential(name="animal_cnn")
+    model.add(keras.Input(shape=(image_size, image_size, 3)))
+    model.add(keras.layers.Rescaling(1.0 / 255))
+    for block in range(hp.conv_blocks):
+        model.add(keras.layers.Conv2D(hp.filters * 2**block, 3, padding="same", use_bias=False))
+        model.add(keras.layers.BatchNormalization())
+        model.add(keras.layers.ReLU())
+        model.add(keras.layers.MaxPooling2D())
+    model.add(keras.layers.GlobalAveragePooling2D())
+    model.add(keras.layers.Dropout(hp.dropout))
+    model.add(keras.layers.Dense(hp.dense_units, activation="relu", name=EMBEDDING_LAYER))
+    model.add(keras.layers.Dropout(hp.dropout))
+    model.add(keras.layers.Dense(n_classes, activation="softmax"))
+    model.compile(optimizer=keras.optimizers.Adam(hp.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+class MlflowMetrics(keras.callbacks.Callback):
+    """Per-epoch metrics into the active MLflow run."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}, step=epoch)
+
+
+def fit(model: keras.Model, data: Data, hp: Hyperparameters, epochs: int, patience: int, seed: int,
+        callbacks: list | None = None) -> keras.callbacks.History:
+    train, val = pipelines(data, hp, seed)
+    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
+    return model.fit(train, validation_data=val, epochs=epochs, callbacks=[stop, *(callbacks or [])],
+                     verbose=1 if sys.stdout.isatty() else 2)
+
+
+def log_training(model: keras.Model, data: Data, history: keras.callbacks.History | None,
+                 image_size: int) -> tuple[float, str]:
+    """Evaluate on validation, log plots, report and the pyfunc model; returns (val accuracy, model URI)."""
+    _, val = pipelines(data, Hyperparameters(augment=0), seed=0)
+    probabilities = model.predict(val, verbose=0)
+    predicted = probabilities.argmax(axis=1)
+    accuracy = float((predicted == data.y_val).mean())
+    mlflow.log_metric("final_val_accuracy", accuracy)
+    report = classification_report(data.y_val, predicted, labels=range(len(data.labels)),
+                                   target_names=data.labels, digits=4, zero_division=0)
+    mlflow.log_text(report, "classification_report.txt")
+    mlflow.log_figure(confusion_figure(confusion_matrix(data.y_val, predicted, labels=range(len(data.labels))),
+                                       data.labels), "confusion_matrix.png")
+    if history is not None:
+        mlflow.log_figure(curves_figure(history.history), "training_curves.png")
+    print(report)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        gallery = Path(workdir) / "gallery.db"
+        write_gallery(model, data, gallery)
+        example = Path(data.frame[data.frame.split == "val"].file.iloc[0]).read_bytes()
+        info = log_animal_model(model, data.labels, image_size, gallery, example, Path(workdir))
+    mlflow.set_tag(MODEL_TAG, info.model_uri)
+    return accuracy, info.model_uri
+
+
+def write_gallery(model: keras.Model, data: Data, gallery: Path) -> None:
+    """Embed every catalogue image (from the decode cache) for the recommender."""
+    from pyfunc.recommender import write_gallery as write
+
+    images = data.train_images.concatenate(data.val_images).batch(256)
+    _, embeddings = with_embedding(model).predict(images, verbose=0)
+    ordered = pd.concat([data.frame[data.frame.split == "train"], data.frame[data.frame.split == "val"]])
+    write(gallery, ordered.id, ordered.path, ordered.label, embeddings)
+
+
+def confusion_figure(matrix: np.ndarray, labels: list[str]) -> plt.Figure:
+    figure, axes = plt.subplots(figsize=(4.5, 4))
+    axes.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        axes.text(j, i, str(count), ha="center", va="center",
+                  color="white" if count > matrix.max() / 2 else "black")
+    axes.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
+             xlabel="predicted", ylabel="true", title="Validation confusion matrix")
+    figure.tight_layout()
+    return figure
+
+
+def curves_figure(history: dict[str, list[float]]) -> plt.Figure:
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for prefix in ("", "val_"):
+            if prefix + metric in history:
+                ax.plot(range(1, len(history[prefix + metric]) + 1), history[prefix + metric],
+                        marker="o", label=(prefix or "train_") .rstrip("_"))
+        ax.set(xlabel="epoch", title=metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    return figure
+
+
+def train(db_path: Path, image_size: int = 64, epochs: int = 20, patience: int = 4, seed: int = 42,
+          hp: Hyperparameters | None = None) -> tuple[str, float, str]:
+    """Train and log one model; returns (run id, validation accuracy, model URI)."""
+    hp = hp or Hyperparameters()
+    keras.utils.set_random_seed(seed)
+    data = load_data(db_path, image_size)
+    with mlflow.start_run() as run:
+        mlflow.log_params({**asdict(hp), "image_size": image_size, "epochs": epochs, "patience": patience,
+                           "seed": seed, "db": str(db_path), "labels": json.dumps(data.labels),
+                           "train_images": len(data.y_train), "val_images": len(data.y_val)})
+        mlflow.set_tag("catalogue_sha256", data.content_hash)
+        dataset = mlflow.data.from_pandas(data.frame.drop(columns=["file"]), source=str(db_path.resolve()),
+                                          name="catalogue", targets="label", digest=data.content_hash[:32])
+        mlflow.log_input(dataset, context="training")
+        model = build_model(hp, image_size, len(data.labels))
+        history = fit(model, data, hp, epochs, patience, seed, callbacks=[MlflowMetrics()])
+        accuracy, model_uri = log_training(model, data, history, image_size)
+    return run.info.run_id, accuracy, model_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = Hyperparameters()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", type=Path, default=Path("databases/animal.db"))
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--patience", type=int, default=4, help="early stopping, in epochs")
+    parser.add_argument("--seed", type=int, default=42)
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    hp = Hyperparameters(**{name: getattr(args, name) for name in asdict(defaults)})
+    try:
+        run_id, accuracy, model_uri = train(args.db, args.image_size, args.epochs, args.patience, args.seed, hp)
+    except (FileNotFoundError, ValueError, LookupError) as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 2
+    print(f"train: run {run_id}: validation accuracy {accuracy:.4f}, model {model_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
