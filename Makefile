@@ -1,0 +1,31 @@
+# One place for the project's commands. `make run` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export TF_ENABLE_ONEDNN_OPTS ?= 0
+
+.PHONY: install install-test browser run test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python  ## the runtime dependencies (pinned in requirements.txt)
+	$(BIN)/pip install --quiet -r requirements.txt
+
+install-test: install browser  ## plus what only the tests need
+	$(BIN)/pip install --quiet -r requirements-test.txt
+
+browser:  ## Debian's chromium for the real-browser test
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+run: install  ## the whole pipeline on the synthetic default
+	mlflow run . --env-manager local
+
+test: install-test  ## the whole test suite
+	$(BIN)/python -m pytest
+
+clean:  ## generated data, catalogue, runs (not the venv)
+	rm -rf data databases/*.db databases/*.db-* mlflow.db mlruns mlartifacts outputs

@@ -1,0 +1,116 @@
+"""Shared fixtures: an isolated MLflow store for every test session, a tiny pipeline run on generated
+data (once per session), and a real `mlflow models serve` of its Production model."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+import requests  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SAMPLE = ROOT.parent / "shared" / "data" / "afhq-sample"
+# The scoring server starts `uvicorn` by name: the venv's bin folder must be on PATH.
+VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+TINY = {"images_per_class": 12, "image_size": 32, "epochs": 2}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_store(tmp_path_factory) -> str:
+    """Every test session writes to its own MLflow database, never to ./mlflow.db."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    root: Path
+    image_store: Path
+    metadata: Path
+    db: Path
+    tracking_uri: str
+    run_id: str
+    model_uri: str
+    version: str
+
+
+def run_pipeline(root: Path, seed: int = 7, **overrides) -> tuple[Path, Path, Path]:
+    """extract + populate a tiny synthetic data set under root; returns (image store, CSV, db)."""
+    from steps.extract import extract
+    from steps.populate import populate
+
+    settings = {**TINY, **overrides}
+    image_store, metadata, db = root / "images", root / "metadata.csv", root / "catalogue.db"
+    extract("synthetic", image_store, metadata, images_per_class=settings["images_per_class"], seed=seed)
+    populate(metadata, image_store, db)
+    return image_store, metadata, db
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, tracking_store) -> Pipeline:
+    """A tiny end-to-end run: extract, populate, train (2 epochs, 32 px), register and promote."""
+    from steps.register import register
+    from steps.train import train
+
+    root = tmp_path_factory.mktemp("pipeline")
+    image_store, metadata, db = run_pipeline(root)
+    run_id, _, model_uri = train(db, image_size=TINY["image_size"], epochs=TINY["epochs"])
+    promotion = register(model_uri, db)
+    return Pipeline(root, image_store, metadata, db, tracking_store, run_id, model_uri, promotion.version)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode}: {url}")
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server did not answer within {timeout} s: {url}")
+
+
+@pytest.fixture(scope="session")
+def scoring_server(pipeline, tmp_path_factory) -> str:
+    """`mlflow models serve` of models:/animal/Production; yields its base URL."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/animal/Production",
+         "-p", str(port), "-h", "127.0.0.1", "--env-manager", "local", "-w", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri, "PATH": VENV_PATH},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/ping", process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
