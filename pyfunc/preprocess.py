@@ -47,6 +47,8 @@ def load_image(data: bytes, image_size: int, max_pixels: int = MAX_PIXELS) -> np
         raise ImageError("empty image")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageError(f"image too large (limit {max_pixels:,} pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ImageError("not an image (JPEG, PNG, WebP, BMP or GIF expected)") from None
     if image.format not in FORMATS:

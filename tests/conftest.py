@@ -28,10 +28,15 @@ TINY = {"images_per_class": 12, "image_size": 32, "epochs": 2}
 
 @pytest.fixture(scope="session", autouse=True)
 def tracking_store(tmp_path_factory) -> str:
-    """Every test session writes to its own MLflow database, never to ./mlflow.db."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    """Every test session writes to its own MLflow database and artifact folder, never to ./mlflow.db
+    or ./mlruns. The environment variables reach the runs that `mlflow run` starts too."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = "tests"
     mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("tests", artifact_location=(folder / "artifacts").as_uri())
+    mlflow.set_experiment("tests")
     return uri
 
 
