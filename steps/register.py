@@ -63,34 +63,35 @@ def evaluate(model_uri: str, db_path: Path, batch: int = 256) -> float:
 def register(model_uri: str, db_path: Path, name: str = MODEL_NAME) -> Promotion:
     client = MlflowClient()
     run_id = _run_id_of(model_uri)
-    version = _existing_version(client, name, model_uri, run_id) or mlflow.register_model(model_uri, name)
-    accuracy = evaluate(f"models:/{name}/{version.version}", db_path)
+    registered = _existing_version(client, name, model_uri, run_id) or mlflow.register_model(model_uri, name)
+    number = str(registered.version)
+    accuracy = evaluate(f"models:/{name}/{number}", db_path)
     conn = catalogue.connect(db_path, readonly=True)
     try:
         content_hash = catalogue.content_hash(conn)
     finally:
         conn.close()
-    client.set_model_version_tag(name, version.version, "val_accuracy", f"{accuracy:.4f}")
-    client.set_model_version_tag(name, version.version, "catalogue_sha256", content_hash)
+    client.set_model_version_tag(name, number, "val_accuracy", f"{accuracy:.4f}")
+    client.set_model_version_tag(name, number, "catalogue_sha256", content_hash)
 
     current = _production_version(client, name)
-    if current is not None and current.version == version.version:
-        return Promotion(version.version, True, accuracy, accuracy, "already Production")
+    if current is not None and str(current.version) == number:
+        return Promotion(number, True, accuracy, accuracy, "already Production")
     production_accuracy = evaluate(f"models:/{name}/{current.version}", db_path) if current else None
     if production_accuracy is not None and accuracy < production_accuracy:
         reason = (f"not promoted: validation accuracy {accuracy:.4f} is below Production version "
                   f"{current.version}'s {production_accuracy:.4f} on the same validation split")
-        client.set_model_version_tag(name, version.version, "promotion", reason)
-        log.warning("version %s %s", version.version, reason)
-        return Promotion(version.version, False, accuracy, production_accuracy, reason)
+        client.set_model_version_tag(name, number, "promotion", reason)
+        log.warning("version %s %s", number, reason)
+        return Promotion(number, False, accuracy, production_accuracy, reason)
 
-    client.transition_model_version_stage(name, version.version, STAGE, archive_existing_versions=True)
-    client.set_registered_model_alias(name, ALIAS, version.version)
+    client.transition_model_version_stage(name, number, STAGE, archive_existing_versions=True)
+    client.set_registered_model_alias(name, ALIAS, number)
     reason = ("first Production version" if current is None else
               f"promoted: {accuracy:.4f} >= Production version {current.version}'s {production_accuracy:.4f}")
-    client.set_model_version_tag(name, version.version, "promotion", reason)
-    log.info("version %s %s", version.version, reason)
-    return Promotion(version.version, True, accuracy, production_accuracy, reason)
+    client.set_model_version_tag(name, number, "promotion", reason)
+    log.info("version %s %s", number, reason)
+    return Promotion(number, True, accuracy, production_accuracy, reason)
 
 
 def _run_id_of(model_uri: str) -> str | None:

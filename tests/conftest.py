@@ -33,10 +33,9 @@ def tracking_store(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = "tests"
     mlflow.set_tracking_uri(uri)
     mlflow.create_experiment("tests", artifact_location=(folder / "artifacts").as_uri())
-    mlflow.set_experiment("tests")
+    mlflow.set_experiment("tests")  # also sets MLFLOW_EXPERIMENT_ID, which `mlflow run` children inherit
     return uri
 
 

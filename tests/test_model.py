@@ -92,7 +92,7 @@ def test_model_version_is_tagged(pipeline):
     assert 0 <= float(version.tags["val_accuracy"]) <= 1
     assert len(version.tags["catalogue_sha256"]) == 64
     alias = mlflow.MlflowClient().get_model_version_by_alias("animal", "production")
-    assert alias.version == pipeline.version and version.current_stage == "Production"
+    assert str(alias.version) == pipeline.version and version.current_stage == "Production"
 
 
 @pytest.mark.parametrize("payload", ["split", "records"])
