@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: E402
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
+from mlflow.types.schema import Array, Object, Property  # noqa: E402
 
 from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image  # noqa: E402
 from pyfunc.recommender import Recommender  # noqa: E402
@@ -33,22 +34,24 @@ MAX_K = 100
 BATCH = 256  # images per forward pass: bounds memory for large requests
 OUTPUT_COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error"]
 
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema(
-        [
+
+
+def signature(labels: list[str]) -> ModelSignature:
+    """Input, output and params of the model, as MLflow shows and checks them."""
+    similar = Array(Object([Property("id", "long"), Property("path", "string"),
+                            Property("label", "string"), Property("score", "double")]))
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),  # base64 text; raw bytes pass too in Python
+        outputs=Schema([
             ColSpec("string", "label", required=False),
             ColSpec("double", "confidence", required=False),
-            ColSpec("string", "probabilities", required=False),
+            ColSpec(Object([Property(label, "double") for label in labels]), "probabilities", required=False),
             ColSpec("boolean", "uncertain", required=False),
-            ColSpec("string", "similar", required=False),
+            ColSpec(similar, "similar"),
             ColSpec("string", "error", required=False),
-        ]
-    ),
-    params=ParamSchema(
-        [ParamSpec("k", "long", DEFAULT_K), ParamSpec("threshold", "double", DEFAULT_THRESHOLD)]
-    ),
-)
+        ]),
+        params=ParamSchema([ParamSpec("k", "long", DEFAULT_K), ParamSpec("threshold", "double", DEFAULT_THRESHOLD)]),
+    )
 
 
 def with_embedding(classifier):
@@ -161,7 +164,7 @@ def log_animal_model(
         artifacts={"keras_model": str(keras_path), "config": str(config_path), "recommender": str(gallery_db)},
         code_paths=[str(Path(__file__).parent)],
         pip_requirements=pip_requirements(),
-        signature=SIGNATURE,
+        signature=signature(labels),
         input_example=(pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]}),
                        {"k": DEFAULT_K, "threshold": DEFAULT_THRESHOLD}),
     )
