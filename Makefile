@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 0
 
-.PHONY: install install-test browser run test clean
+.PHONY: install install-test browser run serve test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ browser:  ## Debian's chromium for the real-browser test
 
 run: install  ## the whole pipeline on the synthetic default
 	mlflow run . --env-manager local
+
+serve: install  ## the scoring server (:5001) and the upload page (http://127.0.0.1:8000) on the Production model
+	$(BIN)/python -m web.serve
 
 test: install-test  ## the whole test suite
 	$(BIN)/python -m pytest

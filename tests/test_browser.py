@@ -1,0 +1,172 @@
+"""The upload page in a real browser (headless Debian chromium through Playwright), against the real
+scoring server of the tiny pipeline: drop or choose a photo, submit, see the label and similar images."""
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from databases import catalogue
+from tests.conftest import ROOT, free_port
+from web.app import create_app
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make install-test)")
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"{CHROMIUM} is missing (make browser)", allow_module_level=True)
+
+# Every image shown (similar ones, the uploaded one, the logo) has arrived and decoded: no broken-image
+# icon. The hidden preview of the "try another" form has no image yet.
+ALL_LOADED = """() => [...document.querySelectorAll('img:not([hidden])')].map(img => ({
+    src: img.currentSrc.slice(0, 40), ok: img.complete && img.naturalWidth > 0 }))"""
+
+
+@pytest.fixture(scope="module")
+def page_url(pipeline, scoring_server):
+    """The Flask app on a real HTTP server in a background thread, against the real scoring server."""
+    from werkzeug.serving import make_server
+
+    app = create_app({"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db)})
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def photo(pipeline, tmp_path_factory) -> Path:
+    """A catalogue image under a plain file name, as a person would pick it."""
+    conn = catalogue.connect(pipeline.db, readonly=True)
+    try:
+        source = catalogue.images(conn, split="val").file.iloc[0]
+    finally:
+        conn.close()
+    return Path(shutil.copy(source, tmp_path_factory.mktemp("upload") / "my-animal.jpg"))
+
+
+def open_page(browser, url: str, viewport: dict, **options):
+    """A fresh page that records every console error and uncaught exception (CSP violations included)."""
+    page = browser.new_page(viewport=viewport, **options)
+    page.problems = []
+    page.on("console", lambda message: message.type == "error" and page.problems.append(message.text))
+    page.on("pageerror", lambda error: page.problems.append(str(error)))
+    page.goto(url)
+    return page
+
+
+def check_result(page) -> str:
+    """The result page shows a label and every image has loaded; returns the label."""
+    page.wait_for_load_state("load")  # the load event waits for every <img>
+    label = page.locator("[data-label]").inner_text().strip().lower()
+    assert label in {"cat", "dog", "wild"}
+    assert page.locator(".probabilities li").count() == 3
+    tiles = page.locator(".grid .tile img")
+    assert tiles.count() > 0
+    assert all(src.startswith("/images/") for src in tiles.evaluate_all("imgs => imgs.map(i => i.getAttribute('src'))"))
+    images = page.evaluate(ALL_LOADED)
+    assert len(images) == tiles.count() + 2  # the similar ones, the uploaded photo, the logo
+    assert all(image["ok"] for image in images), images
+    assert page.problems == []
+    return label
+
+
+def test_upload_through_the_page(browser, page_url, photo):
+    page = open_page(browser, page_url, DESKTOP)
+    assert page.title() == "Animal faces"
+    page.set_input_files("input[name=image]", str(photo))
+    # The JavaScript previews the chosen file before it is sent.
+    sync_api.expect(page.locator("[data-preview]")).to_be_visible()
+    assert page.locator("[data-preview]").evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+    assert "my-animal.jpg" in page.locator("[data-hint]").inner_text()
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    assert page.url == f"{page_url}/predict"
+    label = check_result(page)
+    assert page.title() == f"{label.capitalize()} · Animal faces"
+    assert page.locator("[data-uploaded]").get_attribute("src").startswith("data:image/jpeg;base64,")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "browser-result.png", full_page=True)
+    page.close()
+
+
+def test_drag_and_drop_on_a_phone(browser, page_url, photo):
+    page = open_page(browser, page_url, PHONE, device_scale_factor=2, is_mobile=True, has_touch=True)
+    # A drop event carrying the file, as the browser makes it when a file is dragged onto the zone.
+    transfer = page.evaluate_handle(
+        """([name, base64]) => {
+            const bytes = Uint8Array.from(atob(base64), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+            return transfer;
+        }""",
+        [photo.name, __import__("base64").b64encode(photo.read_bytes()).decode()],
+    )
+    page.dispatch_event("[data-drop]", "drop", {"dataTransfer": transfer})
+    sync_api.expect(page.locator("[data-preview]")).to_be_visible()
+    assert page.locator("[data-preview]").evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+    assert page.evaluate("document.querySelector('input[name=image]').files[0].name") == photo.name
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    check_result(page)
+    # Nothing wider than the phone's screen: no sideways scrolling.
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "browser-result-phone.png", full_page=True)
+    page.close()
+
+
+def test_error_page_in_the_browser(browser, page_url, tmp_path):
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a photo at all")
+    page = open_page(browser, page_url, DESKTOP)
+    page.set_input_files("input[name=image]", str(not_an_image))
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    assert page.locator("h1").inner_text() == "Bad Request"
+    assert "not an image" in page.locator("[data-message]").inner_text()
+    page.click("text=Back to the upload page")
+    assert page.url == f"{page_url}/"
+    page.close()
+
+
+def test_too_large_file_in_the_browser(browser, page_url, tmp_path):
+    big = tmp_path / "huge.jpg"
+    big.write_bytes(b"\xff\xd8\xff" + bytes(11 * 1024 * 1024))  # over the 10 MB default
+    # With JavaScript the page refuses it before sending anything...
+    page = open_page(browser, page_url, DESKTOP)
+    posts = []
+    page.on("request", lambda request: request.method == "POST" and posts.append(request.url))
+    page.set_input_files("input[name=image]", str(big))
+    assert "huge.jpg is 11.0 MB: too large" in page.locator("[data-hint]").inner_text()
+    page.click("button[type=submit]")
+    page.wait_for_timeout(300)  # time enough for a submit to start, if the page let one through
+    assert posts == [] and page.url == f"{page_url}/"
+    page.close()
+    # ...without it the server does (413), and the browser gets the page, not a reset connection.
+    context = browser.new_context(java_script_enabled=False, viewport=DESKTOP)
+    page = context.new_page()
+    page.goto(page_url)
+    page.set_input_files("input[name=image]", str(big))
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    assert page.locator("h1").inner_text() == "Request Entity Too Large"
+    assert "uploads are limited to 10 MB" in page.locator("[data-message]").inner_text()
+    context.close()
