@@ -71,6 +71,7 @@ def with_embedding(classifier):
 class AnimalModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import keras
+        import tensorflow as tf
 
         config = json.loads(Path(context.artifacts["config"]).read_text())
         self.labels: list[str] = config["labels"]
@@ -78,6 +79,12 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
         self.max_pixels: int = config.get("max_pixels", MAX_PIXELS)
         classifier = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.network = with_embedding(classifier)
+        # One traced graph for every batch size: an eager Keras call pays Python dispatch for each
+        # layer, several times the cost of the arithmetic for one small image (bench/serving.py).
+        self._forward = tf.function(
+            lambda images: self.network(images, training=False),
+            input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)])
+        self._forward(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace now, not in a request
         self.recommender = Recommender(context.artifacts["recommender"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -99,7 +106,7 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
                 rows.append(_error_row(str(error)))
         for start in range(0, len(arrays), BATCH):
             batch = np.stack(arrays[start : start + BATCH])
-            probabilities, embeddings = (np.asarray(t) for t in self.network(batch, training=False))
+            probabilities, embeddings = (np.asarray(t) for t in self._forward(batch))
             for index, p, e in zip(readable[start : start + BATCH], probabilities, embeddings):
                 rows[index] = self._answer(p, e, k, threshold)
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)

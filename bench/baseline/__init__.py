@@ -1,0 +1,1 @@
+"""The naive way, as the common MLflow + Keras tutorials serve an image classifier (bench/serving.py)."""

@@ -1,0 +1,221 @@
+"""What every benchmark shares: the model to measure, the machine it ran on, tables, servers.
+
+The model is, in order of preference: a model URI given on the command line; `models:/animal/Production`
+of the project's own `./mlflow.db` with its catalogue `databases/animal.db` (what `make run` makes);
+or a small pipeline run of our own in a work folder with its own SQLite tracking store (reused by
+later runs, so only the first one pays for training).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import platform  # noqa: E402
+import resource  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"  # git-ignored: plots and the benchmarks' own pipeline run
+MODEL_NAME, STAGE = "animal", "Production"
+# `mlflow models serve` starts `uvicorn` by name: the venv's bin folder must be on PATH.
+VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A served model and the catalogue it was trained on."""
+
+    tracking_uri: str
+    model_uri: str
+    db: Path
+    origin: str  # where it came from, for the report
+
+
+def machine() -> str:
+    """CPU model, cores and load, as the README's figures quote them."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{model}, {os.cpu_count()} cores, load average {load}"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into the README)."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    lines = [f"\n### {title}\n", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
+    p50, p95, p99 = np.percentile(np.asarray(samples_ms), [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+def setup(model_uri: str | None = None, workdir: Path = RESULTS / "pipeline", images_per_class: int = 600,
+          image_size: int = 64, epochs: int = 20, db: Path | None = None) -> Setup:
+    """The model to measure (see the module docstring); sets MLflow's tracking URI to its store."""
+    import mlflow
+
+    if model_uri:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
+        mlflow.set_tracking_uri(uri)
+        return Setup(uri, model_uri, Path(db or ROOT / "databases" / "animal.db"), "given")
+    project = _registered(ROOT / "mlflow.db", ROOT / "databases" / "animal.db")
+    if project:
+        return project
+    return _registered(workdir / "mlflow.db", workdir / "catalogue.db") or _make(
+        workdir, images_per_class, image_size, epochs)
+
+
+def _registered(store: Path, db: Path) -> Setup | None:
+    """models:/animal/Production of this store, if the store, the model and the catalogue exist.
+    The file is checked first: opening a missing SQLite store would create an empty one."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not (store.is_file() and db.is_file()):
+        return None
+    uri = f"sqlite:///{store}"
+    try:
+        with warnings.catch_warnings():  # stages are deprecated, yet `models:/animal/Production` is what we serve
+            warnings.simplefilter("ignore", FutureWarning)
+            if not MlflowClient(uri).get_latest_versions(MODEL_NAME, stages=[STAGE]):
+                return None
+    except MlflowException:
+        return None
+    mlflow.set_tracking_uri(uri)
+    return Setup(uri, f"models:/{MODEL_NAME}/{STAGE}", db, str(store))
+
+
+def catalogue_db(workdir: Path = RESULTS / "pipeline", images_per_class: int = 600) -> Path:
+    """The project's catalogue if `make run` made one, else synthetic data extracted into workdir."""
+    from steps.extract import extract
+    from steps.populate import populate
+
+    project = ROOT / "databases" / "animal.db"
+    if project.is_file():
+        return project
+    images, metadata, db = workdir / "images", workdir / "metadata.csv", workdir / "catalogue.db"
+    if not db.is_file():
+        print(f"no catalogue found: extracting {images_per_class} synthetic images per class into {workdir}",
+              flush=True)
+        extract("synthetic", images, metadata, images_per_class=images_per_class)
+        populate(metadata, images, db)
+    return db
+
+
+def _make(workdir: Path, images_per_class: int, image_size: int, epochs: int) -> Setup:
+    """extract -> populate -> train -> register, in-process, into workdir's own store."""
+    import mlflow
+
+    from steps.extract import extract
+    from steps.populate import populate
+    from steps.register import register
+    from steps.train import train
+
+    print(f"no registered model found: making one in {workdir} ({images_per_class} images per class, "
+          f"{epochs} epochs)", flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name("bench") is None:
+        mlflow.create_experiment("bench", artifact_location=(workdir / "artifacts").as_uri())
+    mlflow.set_experiment("bench")
+    images, metadata, db = workdir / "images", workdir / "metadata.csv", workdir / "catalogue.db"
+    extract("synthetic", images, metadata, images_per_class=images_per_class)
+    populate(metadata, images, db)
+    _, _, logged = train(db, image_size=image_size, epochs=epochs)
+    register(logged, db)
+    return Setup(uri, f"models:/{MODEL_NAME}/{STAGE}", db, f"{workdir} (made now)")
+
+
+def catalogue_rows(db: Path, split: str | None = None):
+    """The catalogue's rows (pandas), with absolute file paths in `file`."""
+    from databases import catalogue
+
+    conn = catalogue.connect(db, readonly=True)
+    try:
+        return catalogue.images(conn, split=split)
+    finally:
+        conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`mlflow models serve` of one model on a free loopback port, stopped on exit."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, log: Path, workers: int = 1):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log.open("w")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", str(self.port),
+             "-h", "127.0.0.1", "--env-manager", "local", "-w", str(workers)],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": VENV_PATH},
+        )
+
+    def __enter__(self) -> "Server":
+        import requests
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"server exited with code {self._process.returncode}; see {self._log.name}")
+            try:
+                if requests.get(f"{self.url}/ping", timeout=2).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server did not answer within 300 s; see {self._log.name}")
+
+    def __exit__(self, *_) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+        self._log.close()

@@ -1,0 +1,166 @@
+"""Serving: end-to-end HTTP latency and throughput of `mlflow models serve`, ours vs the naive way.
+
+Both servers are the real `mlflow models serve --env-manager local` on loopback, started the same
+way (same worker count) from the same Keras model: ours is the registered `animal` pyfunc (one
+preprocessing pass, one forward call for the whole request, similar images included); the
+baseline (bench/baseline/) decodes with PIL and calls `model.predict` per image, as tutorials do,
+and answers the label only. Clients are threads with one requests.Session each; every request
+carries a real catalogue image as base64 JSON, prepared before the clock starts.
+
+    python -m bench.serving [--model-uri models:/animal/Production] [--requests 400]
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import RESULTS, Server, catalogue_rows, machine, percentiles, setup, table
+
+WAYS = ("ours", "baseline")
+
+
+@dataclass
+class Load:
+    """What one way did at one concurrency."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    errors: int = 0
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+
+def request_body(images: list[bytes]) -> bytes:
+    rows = [[base64.b64encode(data).decode("ascii")] for data in images]
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+
+
+def run_load(url: str, bodies: list[bytes], concurrency: int, total: int) -> Load:
+    """`total` requests from `concurrency` threads, each sending its share back to back."""
+    import requests
+
+    def client(worker: int) -> tuple[list[float], int]:
+        latencies, errors = [], 0
+        with requests.Session() as session:
+            for i in range(worker, total, concurrency):
+                start = time.perf_counter()
+                response = session.post(f"{url}/invocations", data=bodies[i % len(bodies)],
+                                        headers={"Content-Type": "application/json"}, timeout=120)
+                latencies.append((time.perf_counter() - start) * 1000)
+                errors += not response.ok
+        return latencies, errors
+
+    load = Load()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for latencies, errors in pool.map(client, range(concurrency)):
+            load.latencies_ms += latencies
+            load.errors += errors
+    load.seconds = time.perf_counter() - start
+    return load
+
+
+def plot(results: dict[tuple[str, int], Load], levels: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.4), sharey=True)
+    for ax, level in zip(np.atleast_1d(axes), levels):
+        for way in WAYS:
+            samples = np.sort(results[way, level].latencies_ms)
+            ax.plot(samples, np.arange(1, len(samples) + 1) / len(samples), label=way)
+        ax.set(xscale="log", xlabel="latency (ms, log scale)", title=f"concurrency {level}")
+        ax.grid(alpha=0.3, which="both")
+    np.atleast_1d(axes)[0].set_ylabel("fraction of requests")
+    np.atleast_1d(axes)[0].legend()
+    figure.suptitle("End-to-end HTTP latency, single image (CDF)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-uri", help="default: models:/animal/Production (made here if none)")
+    parser.add_argument("--db", type=Path, help="its catalogue, with --model-uri (default: databases/animal.db)")
+    parser.add_argument("--requests", type=int, default=400, help="single-image requests per concurrency level")
+    parser.add_argument("--levels", default="1,4,16", help="client concurrency levels")
+    parser.add_argument("--batches", type=int, default=20, help="requests of --batch-size images")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=40, help="unmeasured requests per server first")
+    parser.add_argument("--workers", type=int, default=1, help="server workers, the same for both")
+    parser.add_argument("--workdir", type=Path, default=RESULTS / "pipeline",
+                        help="where to make a model if none is registered")
+    parser.add_argument("--images-per-class", type=int, default=600)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--plot", type=Path, default=RESULTS / "serving_latency.png")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+
+    from bench.baseline.save import save_baseline
+
+    model = setup(args.model_uri, args.workdir, args.images_per_class, epochs=args.epochs, db=args.db)
+    val = catalogue_rows(model.db, split="val")
+    images = [Path(f).read_bytes() for f in val.file.iloc[:64]]
+    singles = [request_body([data]) for data in images]
+    batch = [request_body([images[(i + j) % len(images)] for j in range(args.batch_size)])
+             for i in range(4)]
+    print(f"machine: {machine()}\nmodel: {model.model_uri} from {model.origin}; "
+          f"{len(images)} distinct images, mean {sum(map(len, images)) / len(images) / 1024:.1f} KiB", flush=True)
+
+    results: dict[tuple[str, int], Load] = {}
+    batches: dict[str, Load] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = save_baseline(model.model_uri, Path(tmp) / "baseline")
+        uris = {"ours": model.model_uri, "baseline": str(baseline)}
+        servers = {way: Server(uris[way], model.tracking_uri, Path(tmp) / f"{way}.log", args.workers)
+                   for way in WAYS}
+        with servers["ours"] as ours, servers["baseline"] as naive:
+            urls = {"ours": ours.url, "baseline": naive.url}
+            for way in WAYS:  # first calls build TF graphs and fill caches: not measured
+                run_load(urls[way], singles, 2, args.warmup)
+                run_load(urls[way], batch, 1, 2)
+            # The two ways alternate level by level, so that a change in the machine's load hits both.
+            for level in levels:
+                for way in WAYS:
+                    results[way, level] = run_load(urls[way], singles, level, args.requests)
+            for way in WAYS:
+                batches[way] = run_load(urls[way], batch, 1, args.batches)
+
+    rows = []
+    for level in levels:
+        for way in WAYS:
+            load, p = results[way, level], percentiles(results[way, level].latencies_ms)
+            ratio = load.throughput / results["baseline", level].throughput
+            rows.append([level, way, p["p50"], p["p95"], p["p99"], load.throughput, f"{ratio:.1f}x",
+                         load.errors])
+    table("Single image, end to end over HTTP", ["concurrency", "way", "p50 ms", "p95 ms", "p99 ms",
+                                                  "requests/s", "throughput vs baseline", "errors"], rows)
+    table(f"One request of {args.batch_size} images", ["way", "p50 ms", "ms per image", "speed-up", "errors"],
+          [[way, percentiles(batches[way].latencies_ms)["p50"],
+            percentiles(batches[way].latencies_ms)["p50"] / args.batch_size,
+            f"{percentiles(batches['baseline'].latencies_ms)['p50'] / percentiles(batches[way].latencies_ms)['p50']:.1f}x",
+            batches[way].errors] for way in WAYS])
+    plot(results, levels, args.plot)
+    p50 = percentiles(results["ours", levels[0]].latencies_ms)["p50"]
+    worst = min(results["ours", lv].throughput / results["baseline", lv].throughput for lv in levels)
+    print(f"\ntargets: single-image p50 at concurrency {levels[0]}: {p50:.1f} ms (target <= 15 ms: "
+          f"{'met' if p50 <= 15 else 'missed'}); throughput vs baseline, lowest over levels: {worst:.1f}x "
+          f"(target >= 3x: {'met' if worst >= 3 else 'missed'})\nplot: {args.plot}")
+    return 1 if any(load.errors for load in [*results.values(), *batches.values()]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

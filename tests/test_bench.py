@@ -1,0 +1,53 @@
+"""Smoke tests: each benchmark runs end to end on tiny sizes and prints its table. No timing is
+asserted (DESIGN.md: bench/ measures, tests do not); the figures are in the README."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import SHARED_SAMPLE
+
+
+@pytest.fixture()
+def model_args(pipeline) -> list[str]:
+    return ["--model-uri", "models:/animal/Production", "--db", str(pipeline.db)]
+
+
+def test_serving_both_ways_over_http(model_args, tmp_path, capsys):
+    from bench import serving
+
+    plot = tmp_path / "latency.png"
+    assert serving.main([*model_args, "--requests", "6", "--levels", "1,2", "--batches", "2",
+                         "--batch-size", "4", "--warmup", "2", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | baseline |" in out and "One request of 4 images" in out and "targets:" in out
+    assert plot.stat().st_size > 0
+
+
+def test_training_both_ways(pipeline, tmp_path, capsys):
+    from bench import training
+
+    plot = tmp_path / "training.png"
+    assert training.main(["--db", str(pipeline.db), "--epochs", "2", "--image-size", "32",
+                          "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    for row in ("| images only | tutorial |", "| training epoch | ours |", "peak RSS MB"):
+        assert row in out
+    assert plot.stat().st_size > 0
+
+
+def test_recommender_speed_and_quality(model_args, capsys):
+    from bench import recommender
+
+    assert recommender.main([*model_args, "--sizes", "300,2000", "--queries", "20", "--naive-queries", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2,000 | ours |" in out and "| 2,000 | naive" in out
+    assert "| as served (gallery of the predicted label) |" in out and "same fur_color" in out
+
+
+def test_accuracy_report(model_args, capsys):
+    from bench import accuracy
+
+    assert accuracy.main(model_args) == 0
+    out = capsys.readouterr().out
+    assert "Validation split" in out and "| cat |" in out
+    assert ("Real AFHQ photos" in out) == SHARED_SAMPLE.is_dir()
