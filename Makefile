@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 0
 
-.PHONY: install install-test browser run serve test clean
+.PHONY: install install-test browser run serve load test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ run: install  ## the whole pipeline on the synthetic default
 
 serve: install  ## the scoring server (:5001) and the upload page (http://127.0.0.1:8000) on the Production model
 	$(BIN)/python -m web.serve
+
+load: install  ## 5,000 requests from 16 threads to the page and the scoring server: req/s, latency, errors, memory
+	$(BIN)/python -m bench.load
 
 test: install-test  ## the whole test suite
 	$(BIN)/python -m pytest

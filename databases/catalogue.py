@@ -101,6 +101,8 @@ def images(conn: sqlite3.Connection, split: str | None = None) -> pd.DataFrame:
 
 def image_file(conn: sqlite3.Connection, image_id: int) -> Path | None:
     """The file of catalogue image `image_id`, or None if the catalogue does not name it."""
+    if not 0 < image_id < 2**63:  # ids are positive SQLite integers: a bigger one cannot even be asked
+        return None
     row = conn.execute("SELECT path FROM images WHERE id = ?", (image_id,)).fetchone()
     if row is None:
         return None

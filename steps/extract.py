@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,8 @@ SPLITS = ("train", "val")
 LABELS = ("cat", "dog", "wild")
 MAX_FILE_BYTES = 50 * 1024 * 1024
 CSV_COLUMNS = ["path", "split", "label", "sha256", "width", "height", "bytes", "source", "attributes"]
+# What reading one file of a folder or one entry of a .zip can raise when that file is damaged.
+UNREADABLE = (OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 
 
 class SourceError(Exception):
@@ -135,7 +138,13 @@ def _afhq(source: Path, report: ExtractReport) -> tuple[Iterator[SourceImage], i
                 report.skipped.append(f"{name}: file larger than {MAX_FILE_BYTES // 2**20} MB")
                 log.warning("skipped %s: file too large", name)
                 continue
-            yield SourceImage(split, label, filename, read(entry), {})
+            try:
+                data = read(entry)
+            except UNREADABLE as error:  # a corrupt .zip entry (bad CRC, cut short) or an unreadable file
+                report.skipped.append(f"{name}: cannot be read ({error})")
+                log.warning("skipped %s: cannot be read: %s", name, error)
+                continue
+            yield SourceImage(split, label, filename, data, {})
 
     return images(), len(laid_out), source.name
 

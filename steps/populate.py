@@ -1,7 +1,8 @@
 """populate: metadata CSV -> SQLite catalogue (idempotent upsert keyed by content hash).
 
 Every row is checked against the image store first: a row whose file is missing, changed or
-outside the store is reported and not inserted. Running it twice changes nothing.
+outside the store, whose sizes are not positive integers, or whose content an earlier row already
+has (the same photo under two names) is reported and not inserted. Running it twice changes nothing.
 """
 from __future__ import annotations
 
@@ -34,9 +35,14 @@ def populate(metadata_csv: Path, image_store: Path, db_path: Path) -> PopulateRe
         raise FileNotFoundError(f"metadata CSV not found: {metadata_csv} (run the extract step first)")
     report = PopulateReport()
     rows = []
+    seen: dict[str, str] = {}  # sha256 -> path: the same content twice would flip its row's path on every run
     with metadata_csv.open(newline="") as handle:
         for row in csv.DictReader(handle):
             problem = _problem(row, image_store)
+            if not problem and row["sha256"] in seen:
+                problem = f"same content as {seen[row['sha256']]}"
+            elif not problem:
+                seen[row["sha256"]] = row["path"]
             if problem:
                 report.rejected.append(f"{row.get('path')}: {problem}")
                 log.warning("not inserted: %s: %s", row.get("path"), problem)
@@ -63,6 +69,9 @@ def _problem(row: dict, image_store: Path) -> str | None:
         return "path must be relative to the image store"
     if row["split"] not in SPLITS:
         return f"unknown split {row['split']!r}"
+    for column in ("width", "height", "bytes"):
+        if not row[column].isdigit() or int(row[column]) <= 0:
+            return f"{column} must be a positive integer, not {row[column]!r}"
     file = image_store / path
     if not file.is_file():
         return "file missing from the image store"
