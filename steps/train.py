@@ -158,11 +158,12 @@ class MlflowMetrics(keras.callbacks.Callback):
 
 
 def fit(model: keras.Model, data: Data, hp: Hyperparameters, epochs: int, patience: int, seed: int,
-        callbacks: list | None = None) -> keras.callbacks.History:
+        callbacks: list | None = None, initial_epoch: int = 0) -> keras.callbacks.History:
+    """`initial_epoch`: for tuning (Hyperband), which continues a model trained for that many epochs."""
     train, val = pipelines(data, hp, seed)
     stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
-    return model.fit(train, validation_data=val, epochs=epochs, callbacks=[stop, *(callbacks or [])],
-                     verbose=1 if sys.stdout.isatty() else 2)
+    return model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
+                     callbacks=[stop, *(callbacks or [])], verbose=1 if sys.stdout.isatty() else 2)
 
 
 def log_training(model: keras.Model, data: Data, history: keras.callbacks.History | None,
@@ -227,6 +228,14 @@ def curves_figure(history: dict[str, list[float]]) -> plt.Figure:
     return figure
 
 
+def log_catalogue(data: Data, db_path: Path) -> None:
+    """The catalogue as the active run's dataset input (digest = its content hash), and as a tag."""
+    mlflow.set_tag("catalogue_sha256", data.content_hash)
+    dataset = mlflow.data.from_pandas(data.frame.drop(columns=["file"]), source=str(db_path.resolve()),
+                                      name="catalogue", targets="label", digest=data.content_hash[:32])
+    mlflow.log_input(dataset, context="training")
+
+
 def train(db_path: Path, image_size: int = 64, epochs: int = 20, patience: int = 4, seed: int = 42,
           hp: Hyperparameters | None = None) -> tuple[str, float, str]:
     """Train and log one model; returns (run id, validation accuracy, model URI)."""
@@ -237,10 +246,7 @@ def train(db_path: Path, image_size: int = 64, epochs: int = 20, patience: int =
         mlflow.log_params({**asdict(hp), "image_size": image_size, "epochs": epochs, "patience": patience,
                            "seed": seed, "db": str(db_path), "labels": json.dumps(data.labels),
                            "train_images": len(data.y_train), "val_images": len(data.y_val)})
-        mlflow.set_tag("catalogue_sha256", data.content_hash)
-        dataset = mlflow.data.from_pandas(data.frame.drop(columns=["file"]), source=str(db_path.resolve()),
-                                          name="catalogue", targets="label", digest=data.content_hash[:32])
-        mlflow.log_input(dataset, context="training")
+        log_catalogue(data, db_path)
         model = build_model(hp, image_size, len(data.labels))
         history = fit(model, data, hp, epochs, patience, seed, callbacks=[MlflowMetrics()])
         accuracy, model_uri = log_training(model, data, history, image_size)
