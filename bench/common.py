@@ -126,16 +126,19 @@ def _registered(store: Path, db: Path) -> Setup | None:
 
 def catalogue_db(workdir: Path = RESULTS / "pipeline", images_per_class: int = 600) -> Path:
     """The project's catalogue if `make run` made one, else synthetic data extracted into workdir."""
+    project = ROOT / "databases" / "animal.db"
+    return project if project.is_file() else _synthetic_catalogue(workdir, images_per_class)
+
+
+def _synthetic_catalogue(workdir: Path, images_per_class: int) -> Path:
+    """extract + populate the synthetic default into workdir (both steps skip what is there already)."""
     from steps.extract import extract
     from steps.populate import populate
 
-    project = ROOT / "databases" / "animal.db"
-    if project.is_file():
-        return project
     images, metadata, db = workdir / "images", workdir / "metadata.csv", workdir / "catalogue.db"
     if not db.is_file():
-        print(f"no catalogue found: extracting {images_per_class} synthetic images per class into {workdir}",
-              flush=True)
+        print(f"extracting {images_per_class} synthetic images per class into {workdir}", flush=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         extract("synthetic", images, metadata, images_per_class=images_per_class)
         populate(metadata, images, db)
     return db
@@ -145,25 +148,20 @@ def _make(workdir: Path, images_per_class: int, image_size: int, epochs: int) ->
     """extract -> populate -> train -> register, in-process, into workdir's own store."""
     import mlflow
 
-    from steps.extract import extract
-    from steps.populate import populate
     from steps.register import register
     from steps.train import train
 
-    print(f"no registered model found: making one in {workdir} ({images_per_class} images per class, "
-          f"{epochs} epochs)", flush=True)
-    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"no registered model found: training one in {workdir} ({images_per_class} images per class, "
+          f"up to {epochs} epochs; later runs reuse it)", flush=True)
+    db = _synthetic_catalogue(workdir, images_per_class)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name("bench") is None:
         mlflow.create_experiment("bench", artifact_location=(workdir / "artifacts").as_uri())
     mlflow.set_experiment("bench")
-    images, metadata, db = workdir / "images", workdir / "metadata.csv", workdir / "catalogue.db"
-    extract("synthetic", images, metadata, images_per_class=images_per_class)
-    populate(metadata, images, db)
     _, _, logged = train(db, image_size=image_size, epochs=epochs)
     register(logged, db)
-    return Setup(uri, f"models:/{MODEL_NAME}/{STAGE}", db, f"{workdir} (made now)")
+    return Setup(uri, f"models:/{MODEL_NAME}/{STAGE}", db, f"{workdir} (trained now)")
 
 
 def catalogue_rows(db: Path, split: str | None = None):
