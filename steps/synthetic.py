@@ -1,0 +1,490 @@
+"""Deterministic generator of synthetic cat, dog and wild animal faces.
+
+Why it exists: the real AFHQ photos cannot be downloaded everywhere, so the
+pipeline's default source draws faces instead. The task must be learnable but
+not trivial, so the class is carried by *shape*, never by colour:
+
+* cat  - tall pointed ears, a small round head, short muzzle with small
+  whisker pads, a small nose and long whiskers; slit pupils.
+* dog  - floppy ears hanging at the sides of the head (or half-up rounded
+  ears with a folded tip), a long wide muzzle with a big dark nose and,
+  sometimes, a tongue.
+* wild - two sub-types: big cats (short rounded ears, a wide muzzle, often a
+  mane) and wolves/foxes (large pointed ears set wide plus a long narrow
+  snout with the nose at its tip).
+
+Single features overlap on purpose - pointed ears are shared by cats and
+foxes, rounded ears by dogs and big cats, long muzzles by dogs and wolves - so
+only their combination decides the class. Everything else is shared by all
+classes with different but overlapping frequencies: fur colour (one palette
+with per-image jitter), pattern (solid, stripes, spots, patches), eye colour
+and background (solid, gradient or texture, sometimes in fur colours so the
+silhouette does not stand out). Pose (offset, scale, rotation), pixel noise,
+blur and contrast vary per image, so no class sits at fixed pixels and a
+linear model on raw pixels does poorly while a small CNN learns the shapes.
+
+Drawing happens at twice the requested size and is reduced with a box filter,
+a cheap form of anti-aliasing. Every random choice comes from one
+``np.random.default_rng(seed)``, so an image depends only on its seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+LABELS: tuple[str, ...] = ("cat", "dog", "wild")
+IMAGE_SIZE: int = 128
+
+RGB = tuple[int, int, int]
+Point = tuple[float, float]
+
+# One palette shared by every class; class frequencies below differ but overlap.
+FUR_COLORS: dict[str, RGB] = {
+    "orange": (215, 125, 50),
+    "brown": (120, 75, 40),
+    "grey": (135, 135, 140),
+    "black": (42, 38, 38),
+    "white": (235, 232, 225),
+    "cream": (228, 208, 165),
+    "tawny": (190, 148, 82),
+}
+EYE_COLORS: dict[str, RGB] = {
+    "green": (95, 170, 80),
+    "yellow": (225, 200, 60),
+    "amber": (205, 135, 40),
+    "brown": (105, 62, 30),
+    "blue": (95, 150, 220),
+}
+PATTERNS: tuple[str, ...] = ("solid", "stripes", "spots", "patches")
+EAR_SHAPES: tuple[str, ...] = ("pointed", "rounded", "floppy")
+MUZZLES: tuple[str, ...] = ("short", "wide", "long")
+BACKGROUNDS: tuple[str, ...] = ("solid", "gradient", "texture")
+SUBTYPES: tuple[str, ...] = ("cat", "dog", "bigcat", "wolf", "fox")
+
+# Per-class frequencies (weights, normalised when drawn).
+FUR_FREQ: dict[str, dict[str, float]] = {
+    "cat": {"orange": 2, "grey": 2, "black": 1.5, "white": 1.5, "cream": 1, "brown": 1, "tawny": 1},
+    "dog": {"brown": 2.5, "black": 1.5, "white": 1.5, "cream": 1.5, "tawny": 1, "grey": 1, "orange": 1},
+    "wild": {"tawny": 3, "orange": 2, "grey": 2, "brown": 1, "cream": 1, "white": 0.5, "black": 0.5},
+}
+PATTERN_FREQ: dict[str, dict[str, float]] = {
+    "cat": {"solid": 3.5, "stripes": 3.5, "spots": 1, "patches": 2},
+    "dog": {"solid": 4.5, "patches": 3.5, "spots": 1.5, "stripes": 0.5},
+    "wild": {"stripes": 3, "spots": 3, "solid": 3, "patches": 1},
+}
+EYE_FREQ: dict[str, dict[str, float]] = {
+    "cat": {"green": 3.5, "yellow": 2.5, "amber": 1.5, "blue": 1.5, "brown": 1},
+    "dog": {"brown": 6, "amber": 2, "blue": 1, "green": 0.5, "yellow": 0.5},
+    "wild": {"amber": 4, "yellow": 3.5, "brown": 1, "green": 1, "blue": 0.5},
+}
+
+PINK: RGB = (225, 140, 150)
+DARK: RGB = (30, 25, 25)
+
+
+# ---------------------------------------------------------------- helpers
+def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    names = list(weights)
+    p = np.array([weights[n] for n in names], dtype=float)
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
+def _clip(c: np.ndarray | tuple[float, ...]) -> RGB:
+    r, g, b = (int(min(255, max(0, round(v)))) for v in c)
+    return (r, g, b)
+
+
+def _shade(c: RGB, f: float) -> RGB:
+    return _clip(np.array(c, dtype=float) * f)
+
+
+def _mix(a: RGB, b: RGB, t: float) -> RGB:
+    return _clip(np.array(a, dtype=float) * (1 - t) + np.array(b, dtype=float) * t)
+
+
+def _jitter(rng: np.random.Generator, c: RGB, amount: float) -> RGB:
+    # Per-image jitter: overall brightness plus per-channel tint.
+    return _clip(np.array(c, dtype=float) * rng.uniform(0.85, 1.15) + rng.normal(0, amount, 3))
+
+
+def _luma(c: RGB) -> float:
+    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+
+def _edge(fur: RGB) -> RGB:
+    # Outline colour: shapes read by their contour even on a fur-coloured background.
+    return _shade(fur, 0.45) if _luma(fur) > 70 else _mix(fur, (170, 160, 150), 0.45)
+
+
+def _stroke(r: float) -> int:
+    return max(1, int(r * 0.04))
+
+
+def _lobe(top: Point, length: float, width: float, angle: float, n: int = 18) -> list[Point]:
+    """Ellipse hanging from `top`, its long axis tilted `angle` radians from straight down."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    x = width / 2 * np.cos(t)
+    y = length / 2 * (1 + np.sin(t))
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(top[0] + xi * ca - yi * sa, top[1] + xi * sa + yi * ca) for xi, yi in zip(x, y)]
+
+
+def _on_head(cx: float, cy: float, rx: float, ry: float, deg: float, side: int) -> Point:
+    """Point on the head ellipse at `deg` degrees from the top, on the left (-1) or right (+1)."""
+    a = math.radians(deg)
+    return (cx + side * rx * math.sin(a), cy - ry * math.cos(a))
+
+
+def _circle(d: ImageDraw.ImageDraw, c: Point, r: float, fill: RGB | None, **kw: object) -> None:
+    d.ellipse((c[0] - r, c[1] - r, c[0] + r, c[1] + r), fill=fill, **kw)
+
+
+def _oval(d: ImageDraw.ImageDraw, c: Point, rx: float, ry: float, fill: RGB | None, **kw: object) -> None:
+    d.ellipse((c[0] - rx, c[1] - ry, c[0] + rx, c[1] + ry), fill=fill, **kw)
+
+
+# ---------------------------------------------------------------- background
+def _background(rng: np.random.Generator, s: int, fur: RGB) -> tuple[Image.Image, str]:
+    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+
+    def colour() -> RGB:
+        # Sometimes a fur colour, so the head outline is not always obvious.
+        if rng.random() < 0.3:
+            return _jitter(rng, list(FUR_COLORS.values())[int(rng.integers(len(FUR_COLORS)))], 12)
+        # Otherwise a muted colour: a grey level plus a moderate tint, like real scenes.
+        return _clip(rng.uniform(40, 220) + rng.normal(0, 30, 3))
+
+    if kind == "solid":
+        return Image.new("RGB", (s, s), colour()), kind
+    if kind == "gradient":
+        small = np.array([[colour(), colour()], [colour(), colour()]], dtype=np.uint8)
+        return Image.fromarray(small).resize((s, s), Image.BILINEAR), kind
+    # Texture: a coarse random field of light and shade around one colour, smoothly upscaled.
+    n = int(rng.integers(4, 12))
+    base = np.array(colour(), dtype=float)
+    field = base + rng.normal(0, rng.uniform(8, 25), (n, n, 1)) + rng.normal(0, 6, (n, n, 3))
+    small = np.clip(field, 0, 255).astype(np.uint8)
+    return Image.fromarray(small).resize((s, s), Image.BICUBIC), kind
+
+
+# ---------------------------------------------------------------- face parts
+def _ears_back(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str, ear: str,
+               head: tuple[float, float, float, float], fur: RGB) -> None:
+    """Ears that sit on top of the head outline, drawn before the head."""
+    cx, cy, rx, ry = head
+    r = (rx + ry) / 2
+    # Cats' ears are pink inside; wolves and foxes have light fur inside and dark tips.
+    inner = _mix(PINK, fur, rng.uniform(0, 0.3)) if sub == "cat" else _mix(fur, (240, 236, 228), rng.uniform(0.4, 0.8))
+    edge, w = _edge(fur), _stroke(r)
+    if ear == "pointed":
+        # Cats: tall and upright. Wolves/foxes: bigger and set wider apart.
+        big = sub in ("wolf", "fox")
+        deg = rng.uniform(42, 55) if big else rng.uniform(28, 42)
+        half = rng.uniform(20, 26) if big else rng.uniform(13, 17)
+        h = r * (rng.uniform(0.85, 1.1) if big else rng.uniform(0.8, 1.0))
+        for side in (-1, 1):
+            b0 = _on_head(cx, cy, rx * 0.95, ry * 0.95, deg - half, side)
+            b1 = _on_head(cx, cy, rx * 0.95, ry * 0.95, deg + half, side)
+            tilt = math.radians(deg * rng.uniform(0.4, 0.7))
+            mid = ((b0[0] + b1[0]) / 2, (b0[1] + b1[1]) / 2)
+            tip = (mid[0] + side * h * math.sin(tilt), mid[1] - h * math.cos(tilt))
+            d.polygon([b0, tip, b1], fill=fur, outline=edge, width=w)
+            d.polygon([_towards(b0, tip, 0.2), _towards(tip, mid, 0.25), _towards(b1, tip, 0.2),
+                       _towards(mid, tip, 0.05)], fill=inner)
+            if big:
+                d.polygon([tip, _towards(tip, b0, 0.35), _towards(tip, b1, 0.35)], fill=DARK)
+    elif ear == "rounded":
+        # Big cats: short round ears. Dogs: larger, with the tip folded forward.
+        dog = sub == "dog"
+        deg = rng.uniform(42, 55)
+        er = r * (rng.uniform(0.3, 0.38) if dog else rng.uniform(0.2, 0.28))
+        for side in (-1, 1):
+            c = _on_head(cx, cy, rx, ry, deg, side)
+            c = (c[0] + side * er * 0.2, c[1] - er * 0.3)
+            _circle(d, c, er, fur, outline=edge, width=w)
+            if dog:
+                # Folded flap: a darker half-disc hanging over the lower part.
+                flap = _shade(fur, rng.uniform(0.6, 0.8))
+                d.pieslice((c[0] - er, c[1] - er * 0.6, c[0] + er, c[1] + er * 1.4), 0, 180, fill=flap)
+            else:
+                _circle(d, (c[0], c[1] + er * 0.15), er * 0.55, inner)
+
+
+def _towards(a: Point, b: Point, t: float) -> Point:
+    return (a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t)
+
+
+def _ears_front(d: ImageDraw.ImageDraw, rng: np.random.Generator,
+                head: tuple[float, float, float, float], fur: RGB) -> None:
+    """Floppy dog ears: lobes hanging over the sides of the head."""
+    cx, cy, rx, ry = head
+    r = (rx + ry) / 2
+    # Usually darker than the head, always outlined, so the ear reads as a separate lobe.
+    colour = _shade(fur, rng.uniform(0.45, 0.85)) if rng.random() < 0.7 else _jitter(rng, fur, 10)
+    deg = rng.uniform(55, 75)
+    length, width = r * rng.uniform(1.2, 1.6), r * rng.uniform(0.45, 0.6)
+    tilt = math.radians(rng.uniform(5, 30))
+    for side in (-1, 1):
+        top = _on_head(cx, cy, rx, ry, deg, side)
+        d.polygon(_lobe(top, length, width, -side * tilt), fill=colour, outline=_edge(fur), width=_stroke(r))
+
+
+def _mane(d: ImageDraw.ImageDraw, rng: np.random.Generator,
+          head: tuple[float, float, float, float], fur: RGB) -> None:
+    """Big-cat mane: a jagged ring behind the head."""
+    cx, cy, rx, ry = head
+    colour = _shade(fur, rng.uniform(0.5, 0.85)) if rng.random() < 0.7 else _jitter(rng, FUR_COLORS["brown"], 15)
+    n = int(rng.integers(14, 22))
+    rad = (rx + ry) / 2 * rng.uniform(1.4, 1.7)
+    pts = []
+    for i in range(2 * n):
+        a = math.pi * i / n
+        rr = rad * (1.0 if i % 2 == 0 else rng.uniform(0.78, 0.9))
+        pts.append((cx + rr * math.sin(a), cy + 0.1 * ry - rr * math.cos(a)))
+    d.polygon(pts, fill=colour)
+
+
+def _pattern(rng: np.random.Generator, s: int, pattern: str,
+             head: tuple[float, float, float, float], fur: RGB) -> Image.Image | None:
+    """Markings on their own layer; the caller masks them to the fur."""
+    if pattern == "solid":
+        return None
+    cx, cy, rx, ry = head
+    r = (rx + ry) / 2
+    layer = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    # Dark fur gets light markings, otherwise they would be invisible.
+    mark = _shade(fur, rng.uniform(0.45, 0.7)) if _luma(fur) > 90 else _mix(fur, (230, 220, 200), 0.35)
+    if pattern == "stripes":
+        w = max(2, int(r * rng.uniform(0.06, 0.11)))
+        for _ in range(int(rng.integers(2, 5))):  # forehead: near-vertical
+            x = cx + rng.uniform(-0.4, 0.4) * rx
+            y0 = cy - ry * rng.uniform(0.9, 1.1)
+            pts = [(x, y0), (x + rng.normal(0, 0.08) * r, y0 + 0.25 * r), (x + rng.normal(0, 0.1) * r, y0 + r * rng.uniform(0.4, 0.6))]
+            d.line(pts, fill=mark, width=w, joint="curve")
+        for side in (-1, 1):  # cheeks: near-horizontal, from the edge inwards
+            for _ in range(int(rng.integers(2, 4))):
+                y = cy + rng.uniform(-0.2, 0.5) * ry
+                x0 = cx + side * rx * 1.05
+                pts = [(x0, y), (x0 - side * 0.25 * r, y + rng.normal(0, 0.06) * r),
+                       (x0 - side * r * rng.uniform(0.4, 0.55), y + rng.normal(0, 0.1) * r)]
+                d.line(pts, fill=mark, width=w, joint="curve")
+    elif pattern == "spots":
+        rosette = rng.random() < 0.4
+        for _ in range(int(rng.integers(12, 26))):
+            c = (cx + rng.uniform(-1.1, 1.1) * rx, cy + rng.uniform(-1.2, 0.9) * ry)
+            sr = r * rng.uniform(0.05, 0.1)
+            if rosette:
+                _circle(d, c, sr * 1.3, None, outline=mark, width=max(1, int(sr * 0.5)))
+            else:
+                _circle(d, c, sr, mark)
+    else:  # patches: a few big blobs of a contrasting colour
+        other = (240, 236, 228) if _luma(fur) < 180 else _jitter(rng, FUR_COLORS[_pick(rng, {"brown": 1, "black": 1})], 10)
+        for _ in range(int(rng.integers(1, 4))):
+            c = (cx + rng.uniform(-0.9, 0.9) * rx, cy + rng.uniform(-1.0, 0.7) * ry)
+            _oval(d, c, r * rng.uniform(0.3, 0.6), r * rng.uniform(0.3, 0.6), other)
+    return layer
+
+
+def _eyes(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
+          head: tuple[float, float, float, float], iris: RGB) -> None:
+    """Eye shape follows the animal (eye colour does not): cats big with slit pupils, dogs dark and
+    round, big cats ringed with a dark tear line, wolves and foxes narrow and slanted."""
+    cx, cy, rx, ry = head
+    r = (rx + ry) / 2
+    dx = rx * rng.uniform(0.32, 0.42)
+    y = cy - ry * rng.uniform(0.02, 0.15)
+    for side in (-1, 1):
+        c = (cx + side * dx, y)
+        if sub == "cat":
+            er = r * rng.uniform(0.17, 0.21)
+            _oval(d, c, er * 1.12, er, DARK)
+            _oval(d, c, er, er * 0.88, iris)
+            _oval(d, c, er * rng.uniform(0.15, 0.3), er * 0.85, DARK)  # slit pupil
+        elif sub == "dog":
+            er = r * rng.uniform(0.11, 0.14)
+            _circle(d, c, er * 1.1, DARK)
+            _circle(d, c, er * 0.95, _mix(iris, DARK, 0.3))
+            _circle(d, c, er * 0.65, DARK)
+        elif sub == "bigcat":
+            er = r * rng.uniform(0.11, 0.14)
+            ring = _mix(iris, (240, 236, 228), 0.7)
+            _circle(d, c, er * 1.5, ring)
+            # Tear line from the inner corner down towards the muzzle.
+            d.line([(c[0] - side * er * 0.8, c[1] + er * 0.6), (cx + side * r * 0.2, cy + ry * 0.4)],
+                   fill=DARK, width=max(1, int(r * 0.05)))
+            _circle(d, c, er * 1.1, DARK)
+            _circle(d, c, er, iris)
+            _circle(d, c, er * 0.4, DARK)
+        else:  # wolf, fox: narrow almond slanting up towards the ears
+            er = r * rng.uniform(0.13, 0.16)
+            slant = -side * math.radians(rng.uniform(15, 25))
+            pts = [(c[0] + er * 1.2 * math.cos(t) * math.cos(slant) - er * 0.5 * math.sin(t) * math.sin(slant),
+                    c[1] + er * 1.2 * math.cos(t) * math.sin(slant) + er * 0.5 * math.sin(t) * math.cos(slant))
+                   for t in np.linspace(0, 2 * np.pi, 14, endpoint=False)]
+            d.polygon(pts, fill=iris, outline=DARK, width=max(1, int(r * 0.04)))
+            _circle(d, c, er * 0.3, DARK)
+        _circle(d, (c[0] - r * 0.04, c[1] - r * 0.04), r * 0.03, (245, 245, 245))  # highlight
+
+
+def _whiskers(d: ImageDraw.ImageDraw, rng: np.random.Generator, c: Point, r: float,
+              spread: float, fur: RGB, weight: float) -> None:
+    # Light on dark fur, dark on light fur: whiskers must survive downsizing to 64 px.
+    colour = (240, 240, 235) if _luma(fur) < 140 else (35, 30, 30)
+    w = max(1, int(r * weight))
+    for side in (-1, 1):
+        for k in range(3):
+            start = (c[0] + side * 0.2 * r, c[1] + (k - 1) * 0.05 * r)
+            end = (c[0] + side * r * rng.uniform(spread - 0.3, spread), c[1] + r * ((k - 1) * 0.22 + rng.normal(0, 0.05)))
+            d.line([start, end], fill=colour, width=w)
+
+
+def _muzzle(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
+            head: tuple[float, float, float, float], fur: RGB) -> bool:
+    """Draw muzzle, nose and mouth; returns whether a tongue shows."""
+    cx, cy, rx, ry = head
+    r = (rx + ry) / 2
+    # Cat pads may match the fur; long snouts are lighter, as on most dogs, wolves and foxes.
+    light = _mix(fur, (240, 236, 228), rng.uniform(0.0, 0.7) if sub == "cat" else rng.uniform(0.3, 0.8))
+    nose_dark = _jitter(rng, DARK, 6)
+    line_w = max(1, int(r * 0.03))
+    tongue = False
+    if sub == "cat":  # short muzzle: two small pads, tiny nose, whiskers
+        py = cy + ry * rng.uniform(0.35, 0.45)
+        for side in (-1, 1):
+            _circle(d, (cx + side * 0.15 * r, py), r * 0.18, light)
+        ny = py - 0.14 * r
+        nw = r * rng.uniform(0.07, 0.1)
+        d.polygon([(cx - nw, ny - nw * 0.6), (cx + nw, ny - nw * 0.6), (cx, ny + nw * 0.7)],
+                  fill=_mix(PINK, (110, 70, 60), rng.uniform(0, 0.5)))
+        _whiskers(d, rng, (cx, py), r, 1.7, fur, 0.05)
+    elif sub == "bigcat":  # wide muzzle: broad pads, broad nose, chin
+        py = cy + ry * rng.uniform(0.38, 0.48)
+        _oval(d, (cx, py + 0.25 * r), 0.22 * r, 0.16 * r, light)
+        for side in (-1, 1):
+            _oval(d, (cx + side * 0.24 * r, py), r * 0.3, r * 0.22, light)
+        ny = py - 0.18 * r
+        nw = r * rng.uniform(0.15, 0.2)
+        nose = _mix(PINK, (110, 70, 60), rng.uniform(0.2, 1))
+        d.polygon([(cx - nw, ny - nw * 0.5), (cx + nw, ny - nw * 0.5), (cx, ny + nw * 0.8)], fill=nose)
+        d.line([(cx, ny + nw * 0.8), (cx, py + 0.1 * r)], fill=DARK, width=line_w)
+        for side in (-1, 1):  # whisker dots
+            for k in range(3):
+                _circle(d, (cx + side * (0.17 + 0.09 * k) * r, py - 0.03 * r + 0.04 * k * r), r * 0.02, DARK)
+        if rng.random() < 0.3:
+            _whiskers(d, rng, (cx, py), r, 1.2, fur, 0.025)
+    elif sub == "dog":  # long, wide muzzle reaching below the head, big dark nose
+        mw, mh = r * rng.uniform(0.4, 0.52), r * rng.uniform(0.45, 0.55)
+        my = cy + ry * rng.uniform(0.6, 0.7)
+        _oval(d, (cx, my), mw, mh, light)
+        ny = my - mh * 0.45
+        _oval(d, (cx, ny), r * rng.uniform(0.21, 0.27), r * rng.uniform(0.14, 0.18), nose_dark)
+        mouth_y = my + mh * 0.45
+        d.line([(cx, ny), (cx, mouth_y)], fill=DARK, width=line_w)
+        d.line([(cx - mw * 0.6, mouth_y - mh * 0.2), (cx, mouth_y), (cx + mw * 0.6, mouth_y - mh * 0.2)],
+               fill=DARK, width=line_w, joint="curve")
+        if rng.random() < 0.4:
+            tongue = True
+            _oval(d, (cx, mouth_y + 0.15 * r), 0.16 * r, 0.2 * r, _jitter(rng, (220, 100, 120), 10))
+    else:  # wolf / fox: long narrow snout tapering down, nose at the tip
+        top_w, tip_w = r * rng.uniform(0.3, 0.38), r * rng.uniform(0.14, 0.2)
+        ty = cy + ry * rng.uniform(1.05, 1.3)
+        y0 = cy + ry * 0.05
+        d.polygon([(cx - top_w, y0), (cx + top_w, y0), (cx + tip_w, ty), (cx - tip_w, ty)], fill=light)
+        _oval(d, (cx, ty), tip_w, tip_w * 0.7, light)
+        _oval(d, (cx, ty - tip_w * 0.15), tip_w * 0.95, tip_w * 0.6, nose_dark)
+        d.line([(cx, ty + tip_w * 0.4), (cx, ty + tip_w * 0.75)], fill=DARK, width=line_w)
+        # Cheek ruffs: the face narrows to the snout like an inverted triangle.
+        for side in (-1, 1):
+            d.polygon([(cx + side * rx * 0.7, cy + 0.1 * ry), (cx + side * rx * 1.25, cy + 0.45 * ry),
+                       (cx + side * rx * 0.6, cy + 0.65 * ry)], fill=light)
+    return tongue
+
+
+# ---------------------------------------------------------------- public API
+def draw_face(label: str, seed: int | list[int] | tuple[int, ...],
+              size: int = IMAGE_SIZE) -> tuple[Image.Image, dict[str, str]]:
+    """Draw one RGB face of `label`, fully determined by `seed` (passed to np.random.default_rng).
+
+    Returns the image and its attributes: fur_color, pattern, ear_shape,
+    eye_color, background, muzzle and subtype (all strings).
+    """
+    if label not in LABELS:
+        raise ValueError(f"unknown label {label!r}; expected one of {LABELS}")
+    rng = np.random.default_rng(seed)
+    s = size * 2  # supersampled canvas
+
+    if label == "wild":
+        sub = _pick(rng, {"bigcat": 2, "wolf": 1, "fox": 1})
+    else:
+        sub = label
+    if sub == "dog":
+        ear = "floppy" if rng.random() < 0.75 else "rounded"
+    else:
+        ear = "rounded" if sub == "bigcat" else "pointed"
+    muzzle = {"cat": "short", "bigcat": "wide", "dog": "long", "wolf": "long", "fox": "long"}[sub]
+
+    fur_name = _pick(rng, FUR_FREQ[label])
+    fur = _jitter(rng, FUR_COLORS[fur_name], 6)
+    pattern = _pick(rng, PATTERN_FREQ[label])
+    eye_name = _pick(rng, EYE_FREQ[label])
+
+    # Pose: the head wanders, scales and tilts so classes share no fixed pixels.
+    r = s * rng.uniform(0.25, 0.31) * (0.93 if sub == "cat" else 1.0)
+    cx = s / 2 + rng.uniform(-0.15, 0.15) * s
+    cy = s / 2 + rng.uniform(0.02, 0.15) * s
+    shape = {"cat": (1.0, 0.93), "dog": (0.95, 1.02), "bigcat": (1.1, 0.96), "wolf": (0.95, 0.9), "fox": (0.92, 0.88)}[sub]
+    head = (cx, cy, r * shape[0] * rng.uniform(0.95, 1.05), r * shape[1] * rng.uniform(0.95, 1.05))
+    angle = rng.uniform(-15, 15)
+
+    bg, bg_kind = _background(rng, s, fur)
+
+    # Fur layer: ears + head (+ floppy ears); markings are masked to it.
+    fur_layer = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    d = ImageDraw.Draw(fur_layer)
+    if ear != "floppy":
+        _ears_back(d, rng, sub, ear, head, fur)
+    _oval(d, (cx, cy), head[2], head[3], fur, outline=_edge(fur), width=_stroke(r))
+    if ear == "floppy":
+        _ears_front(d, rng, head, fur)
+    marks = _pattern(rng, s, pattern, head, fur)
+    if marks is not None:
+        alpha = ImageChops.multiply(marks.getchannel("A"), fur_layer.getchannel("A"))
+        marks.putalpha(alpha)
+        fur_layer.alpha_composite(marks)
+
+    face = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    fd = ImageDraw.Draw(face)
+    if sub == "bigcat" and rng.random() < 0.6:
+        _mane(fd, rng, head, fur)
+    face.alpha_composite(fur_layer)
+    _eyes(fd, rng, sub, head, _jitter(rng, EYE_COLORS[eye_name], 10))
+    _muzzle(fd, rng, sub, head, fur)
+
+    face = face.rotate(angle, resample=Image.BILINEAR, center=(cx, cy))
+    bg.paste(face, (0, 0), face)
+    img = bg.reduce(2)
+    if size * 2 != s:  # pragma: no cover - s is always 2*size
+        img = img.resize((size, size), Image.BILINEAR)
+
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.7)))
+    # Lighting and sensor noise.
+    arr = np.asarray(img, dtype=np.float32)
+    arr = (arr - 128) * rng.uniform(0.8, 1.15) + 128 + rng.uniform(-20, 20)
+    arr += rng.standard_normal(arr.shape, dtype=np.float32) * rng.uniform(2, 7)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+    attrs = {
+        "fur_color": fur_name,
+        "pattern": pattern,
+        "ear_shape": ear,
+        "eye_color": eye_name,
+        "background": bg_kind,
+        "muzzle": muzzle,
+        "subtype": sub,
+    }
+    return img, attrs
