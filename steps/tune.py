@@ -345,10 +345,10 @@ def summarise(search: kt.Tuner, data: train.Data, image_size: int, db_path: Path
     figure = trials_figure(table)
     mlflow.log_figure(figure, "trials.png")
     plt.close(figure)
-    mlflow.log_dict({"trial": best_trial.trial_id, "val_accuracy": best_trial.score, "hyperparameters": best_values},
-                    "best_hyperparameters.json")
+    mlflow.log_dict({"trial": number(best_trial.trial_id), "trial_id": best_trial.trial_id,
+                     "val_accuracy": best_trial.score, "hyperparameters": best_values}, "best_hyperparameters.json")
     mlflow.log_metric("best_val_accuracy", best_trial.score)
-    mlflow.set_tags({"best_trial": best_trial.trial_id, **{f"best.{k}": v for k, v in asdict(best).items()}})
+    mlflow.set_tags({"best_trial": number(best_trial.trial_id), **{f"best.{k}": v for k, v in asdict(best).items()}})
 
     model_uri = tags.get(train.MODEL_TAG)
     if model_uri is None or tags.get("best_model_trial") != best_trial.trial_id:
@@ -391,6 +391,8 @@ def trials_figure(table: pd.DataFrame) -> plt.Figure:
         ax.scatter(done[name], done.val_accuracy, alpha=0.7, label="trial")
         ax.scatter([best[name]], [best.val_accuracy], marker="*", s=220, color="crimson", label="best")
         ax.set(xlabel=name, xscale="log" if name == "learning_rate" else "linear")
+        if name != "learning_rate":  # the values tried, not 4.2 blocks
+            ax.set_xticks(sorted(done[name].unique()))
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("validation accuracy")
