@@ -60,12 +60,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rss_mb() -> float:
-    """Current resident memory of this process."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table (readable in a terminal, pasteable into the README)."""
     cells = [[_cell(v) for v in row] for row in rows]
@@ -182,7 +176,8 @@ def free_port() -> int:
 
 
 class Server:
-    """`mlflow models serve` of one model on a free loopback port, stopped on exit."""
+    """`mlflow models serve` of one model on a free loopback port; starts at once, `wait` until it
+    answers, `stop` always (both servers start together, so neither waits for the other)."""
 
     def __init__(self, model_uri: str, tracking_uri: str, log: Path, workers: int = 1):
         self.port = free_port()
@@ -195,22 +190,22 @@ class Server:
             env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": VENV_PATH},
         )
 
-    def __enter__(self) -> "Server":
+    def wait(self, timeout: float = 300) -> None:
         import requests
 
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"server exited with code {self._process.returncode}; see {self._log.name}")
             try:
                 if requests.get(f"{self.url}/ping", timeout=2).ok:
-                    return self
+                    return
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"server did not answer within 300 s; see {self._log.name}")
+        raise TimeoutError(f"server did not answer within {timeout} s; see {self._log.name}")
 
-    def __exit__(self, *_) -> None:
+    def stop(self) -> None:
         self._process.terminate()
         try:
             self._process.wait(timeout=20)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import sys
 import tempfile
@@ -91,6 +92,27 @@ def plot(results: dict[tuple[str, int], Load], levels: list[int], path: Path) ->
     figure.savefig(path, dpi=110)
 
 
+def report(results: dict[tuple[str, int], Load], batches: dict[str, Load], levels: list[int],
+           batch_size: int) -> None:
+    rows = []
+    for level in levels:
+        for way in WAYS:
+            load, p = results[way, level], percentiles(results[way, level].latencies_ms)
+            ratio = load.throughput / results["baseline", level].throughput
+            rows.append([level, way, p["p50"], p["p95"], p["p99"], load.throughput, f"{ratio:.1f}x", load.errors])
+    table("Single image, end to end over HTTP", ["concurrency", "way", "p50 ms", "p95 ms", "p99 ms",
+                                                  "requests/s", "throughput vs baseline", "errors"], rows)
+    p50 = {way: percentiles(load.latencies_ms)["p50"] for way, load in batches.items()}
+    table(f"One request of {batch_size} images", ["way", "p50 ms", "ms per image", "speed-up", "errors"],
+          [[way, p50[way], p50[way] / batch_size, f"{p50['baseline'] / p50[way]:.1f}x", batches[way].errors]
+           for way in WAYS])
+    single = percentiles(results["ours", levels[0]].latencies_ms)["p50"]
+    worst = min(results["ours", level].throughput / results["baseline", level].throughput for level in levels)
+    print(f"\ntargets: single-image p50 at concurrency {levels[0]}: {single:.1f} ms (target <= 15 ms: "
+          f"{'met' if single <= 15 else 'missed'}); throughput vs baseline, lowest over levels: {worst:.1f}x "
+          f"(target >= 3x: {'met' if worst >= 3 else 'missed'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", help="default: models:/animal/Production (made here if none)")
@@ -122,43 +144,26 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[tuple[str, int], Load] = {}
     batches: dict[str, Load] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         baseline = save_baseline(model.model_uri, Path(tmp) / "baseline")
-        uris = {"ours": model.model_uri, "baseline": str(baseline)}
-        servers = {way: Server(uris[way], model.tracking_uri, Path(tmp) / f"{way}.log", args.workers)
-                   for way in WAYS}
-        with servers["ours"] as ours, servers["baseline"] as naive:
-            urls = {"ours": ours.url, "baseline": naive.url}
-            for way in WAYS:  # first calls build TF graphs and fill caches: not measured
-                run_load(urls[way], singles, 2, args.warmup)
-                run_load(urls[way], batch, 1, 2)
-            # The two ways alternate level by level, so that a change in the machine's load hits both.
-            for level in levels:
-                for way in WAYS:
-                    results[way, level] = run_load(urls[way], singles, level, args.requests)
-            for way in WAYS:
-                batches[way] = run_load(urls[way], batch, 1, args.batches)
+        servers: dict[str, Server] = {}
+        for way, uri in (("ours", model.model_uri), ("baseline", str(baseline))):
+            servers[way] = Server(uri, model.tracking_uri, Path(tmp) / f"{way}.log", args.workers)
+            stack.callback(servers[way].stop)
+        for server in servers.values():
+            server.wait()
+            run_load(server.url, singles, 2, args.warmup)  # first calls build graphs, fill caches
+            run_load(server.url, batch, 1, 2)
+        # The two ways alternate level by level, so that a change in the machine's load hits both.
+        for level in levels:
+            for way, server in servers.items():
+                results[way, level] = run_load(server.url, singles, level, args.requests)
+        for way, server in servers.items():
+            batches[way] = run_load(server.url, batch, 1, args.batches)
 
-    rows = []
-    for level in levels:
-        for way in WAYS:
-            load, p = results[way, level], percentiles(results[way, level].latencies_ms)
-            ratio = load.throughput / results["baseline", level].throughput
-            rows.append([level, way, p["p50"], p["p95"], p["p99"], load.throughput, f"{ratio:.1f}x",
-                         load.errors])
-    table("Single image, end to end over HTTP", ["concurrency", "way", "p50 ms", "p95 ms", "p99 ms",
-                                                  "requests/s", "throughput vs baseline", "errors"], rows)
-    table(f"One request of {args.batch_size} images", ["way", "p50 ms", "ms per image", "speed-up", "errors"],
-          [[way, percentiles(batches[way].latencies_ms)["p50"],
-            percentiles(batches[way].latencies_ms)["p50"] / args.batch_size,
-            f"{percentiles(batches['baseline'].latencies_ms)['p50'] / percentiles(batches[way].latencies_ms)['p50']:.1f}x",
-            batches[way].errors] for way in WAYS])
+    report(results, batches, levels, args.batch_size)
     plot(results, levels, args.plot)
-    p50 = percentiles(results["ours", levels[0]].latencies_ms)["p50"]
-    worst = min(results["ours", lv].throughput / results["baseline", lv].throughput for lv in levels)
-    print(f"\ntargets: single-image p50 at concurrency {levels[0]}: {p50:.1f} ms (target <= 15 ms: "
-          f"{'met' if p50 <= 15 else 'missed'}); throughput vs baseline, lowest over levels: {worst:.1f}x "
-          f"(target >= 3x: {'met' if worst >= 3 else 'missed'})\nplot: {args.plot}")
+    print(f"plot: {args.plot}")
     return 1 if any(load.errors for load in [*results.values(), *batches.values()]) else 0
 
 
