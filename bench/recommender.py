@@ -1,6 +1,6 @@
 """Recommender: query latency and memory by gallery size, and how good "similar" is.
 
-Speed: galleries of random 128-d embeddings (1,000; 16,000 = AFHQ's size; 1,000,000) written as the
+Speed: galleries of random embeddings as wide as the model's (1,000; 16,000 = AFHQ's size; 1,000,000) written as the
 model's bundled SQLite gallery and loaded by the real `pyfunc.recommender.Recommender`: load time,
 memory it holds (and its peak while loading, by tracemalloc), query latency for k=5. Beside it, the
 naive way: each query reads its label's rows from SQLite and scores them one by one in Python.
@@ -34,16 +34,15 @@ from bench.common import RESULTS, catalogue_rows, machine, percentiles, setup, t
 from pyfunc.recommender import Recommender, write_gallery  # noqa: E402
 
 LABELS = ("cat", "dog", "wild")
-DIM = 128  # the embedding layer's width (train.Hyperparameters.dense_units)
 K = 5
 ATTRIBUTES = ("fur_color", "pattern")
 
 
-def random_gallery(path: Path, size: int, seed: int = 0) -> None:
+def random_gallery(path: Path, size: int, dim: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     labels = np.asarray(LABELS)[rng.integers(0, len(LABELS), size)]
     paths = (f"train/{label}/random_{i:07d}.jpg" for i, label in enumerate(labels))
-    write_gallery(path, range(1, size + 1), paths, labels, rng.standard_normal((size, DIM), dtype=np.float32))
+    write_gallery(path, range(1, size + 1), paths, labels, rng.standard_normal((size, dim), dtype=np.float32))
 
 
 def naive_similar(conn: sqlite3.Connection, embedding: np.ndarray, label: str, k: int) -> list[dict]:
@@ -65,15 +64,15 @@ def query_ms(similar, queries: np.ndarray, labels: np.ndarray) -> list[float]:
     return samples
 
 
-def speed(size: int, folder: Path, queries: int, naive_queries: int) -> list[list]:
+def speed(size: int, dim: int, folder: Path, queries: int, naive_queries: int) -> list[list]:
     """Rows of the speed table for one gallery size: ours and the naive way."""
     path = folder / f"gallery-{size}.db"
-    random_gallery(path, size)
+    random_gallery(path, size, dim)
     start = time.perf_counter()
     recommender = Recommender(path)
     load_s = time.perf_counter() - start
     rng = np.random.default_rng(1)
-    vectors = rng.standard_normal((queries, DIM), dtype=np.float32)
+    vectors = rng.standard_normal((queries, dim), dtype=np.float32)
     labels = np.asarray(LABELS)[rng.integers(0, len(LABELS), queries)]
     query_ms(recommender.similar, vectors[:20], labels[:20])  # warm caches
     ours = percentiles(query_ms(recommender.similar, vectors, labels))
@@ -162,16 +161,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=RESULTS / "pipeline")
     parser.add_argument("--images-per-class", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--dim", type=int, help="embedding width (default: the model's, train.Hyperparameters)")
     parser.add_argument("--no-quality", action="store_true", help="speed only (no model needed)")
     args = parser.parse_args(argv)
 
     print(f"machine: {machine()}", flush=True)
+    if args.dim is None:
+        from steps.train import Hyperparameters
+
+        args.dim = Hyperparameters().dense_units  # the embedding layer's width
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for size in (int(s) for s in args.sizes.split(",")):
-            print(f"gallery of {size:,} random {DIM}-d embeddings ...", flush=True)
-            rows += speed(size, Path(tmp), args.queries, max(3, args.naive_queries * 16_000 // max(size, 16_000)))
-        table(f"Similar images, k={K}: query latency and memory by gallery size (3 labels, random vectors)",
+            print(f"gallery of {size:,} random {args.dim}-d embeddings ...", flush=True)
+            # The naive way takes seconds per query at a million: fewer queries there.
+            naive_queries = max(3, args.naive_queries * 16_000 // max(size, 16_000))
+            rows += speed(size, args.dim, Path(tmp), args.queries, naive_queries)
+        table(f"Similar images, k={K}: query latency and memory by gallery size (3 labels, random {args.dim}-d "
+              "vectors)",
               ["gallery", "way", "p50 ms", "p95 ms", "speed-up", "load s", "held MB", "peak MB (load)"], rows)
         at = {row[0]: row[2] for row in rows if row[1] == "ours"}
         if "16,000" in at:
