@@ -43,7 +43,8 @@ warnings.filterwarnings("ignore", message=".*dataset source can be interpreted i
 warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
 warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed")
 
-MODEL_TAG = "model_uri"  # run tag through which `main` and `tune` find the logged model
+MODEL_TAG = "model_uri"
+WARMUP_EPOCHS = 6  # early stopping never stops before this epoch  # run tag through which `main` and `tune` find the logged model
 
 
 @dataclass
@@ -166,7 +167,10 @@ def fit(model: keras.Model, data: Data, hp: Hyperparameters, epochs: int, patien
         callbacks: list | None = None, initial_epoch: int = 0) -> keras.callbacks.History:
     """`initial_epoch`: for tuning (Hyperband), which continues a model trained for that many epochs."""
     train, val = pipelines(data, hp, seed)
-    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
+    # Validation accuracy can sit near chance for the first epochs, while BatchNorm's moving
+    # statistics catch up with fast-changing weights: judge progress only after that.
+    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True,
+                                         start_from_epoch=min(WARMUP_EPOCHS, epochs // 2))
     return model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
                      callbacks=[stop, *(callbacks or [])], verbose=1 if sys.stdout.isatty() else 2)
 
