@@ -43,20 +43,7 @@ def load_image(data: bytes, image_size: int, max_pixels: int = MAX_PIXELS) -> np
     EXIF orientation is applied, the first frame of an animation is used, any mode (L, LA, P,
     RGBA, CMYK, 16-bit) becomes RGB, and the centre square is resized. Raises ImageError.
     """
-    if not data:
-        raise ImageError("empty image")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise ImageError(f"image too large (limit {max_pixels:,} pixels)") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise ImageError("not an image (JPEG, PNG, WebP, BMP or GIF expected)") from None
-    if image.format not in FORMATS:
-        raise ImageError(f"unsupported image format {image.format} (JPEG, PNG, WebP, BMP or GIF expected)")
-    width, height = image.size
-    # Checked from the header, before any pixel is decoded: a decompression bomb never expands.
-    if width * height > max_pixels:
-        raise ImageError(f"image too large: {width}x{height} pixels (limit {max_pixels:,})")
+    image = open_image(data, max_pixels)
     try:
         image.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale, much faster
         image = ImageOps.exif_transpose(image)
@@ -64,6 +51,25 @@ def load_image(data: bytes, image_size: int, max_pixels: int = MAX_PIXELS) -> np
         return np.asarray(image, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageError(f"could not decode image: {error}") from None
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open image bytes from their header only: format and size are checked, no pixel is decoded,
+    so a decompression bomb never expands. Raises ImageError."""
+    if not data:
+        raise ImageError("empty image")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours
+        raise ImageError(f"image too large (limit {max_pixels:,} pixels)") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ImageError("not an image (JPEG, PNG, WebP, BMP or GIF expected)") from None
+    if image.format not in FORMATS:
+        raise ImageError(f"unsupported image format {image.format} (JPEG, PNG, WebP, BMP or GIF expected)")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} pixels (limit {max_pixels:,})")
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 from flask import Flask, Request, Response, abort, jsonify, render_template, request, send_file
-from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from databases import catalogue
-from pyfunc.preprocess import FORMATS, MAX_PIXELS, ImageError
+from pyfunc.preprocess import ImageError, open_image
 from web.scoring import ScoringClient, ScoringFailed, ScoringUnavailable
 
 log = logging.getLogger(__name__)
@@ -176,22 +175,11 @@ def read_upload() -> tuple[bytes, str]:
 
 
 def image_format(data: bytes) -> str:
-    """The format of an image file from its header only, with the same rules as pyfunc.preprocess:
-    cheap (no pixel is decoded), so bad uploads never reach the scoring server."""
+    """The format of an image file from its header only, with the same rules as the model, so bad
+    uploads never reach the scoring server."""
     if not data:
         raise ImageError("the file is empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:  # PIL's own limit, far above ours
-        raise ImageError(f"image too large (limit {MAX_PIXELS:,} pixels)") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise ImageError("not an image (JPEG, PNG, WebP, BMP or GIF expected)") from None
-    if image.format not in FORMATS:
-        raise ImageError(f"unsupported image format {image.format} (JPEG, PNG, WebP, BMP or GIF expected)")
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"image too large: {width}x{height} pixels (limit {MAX_PIXELS:,})")
-    return image.format
+    return open_image(data).format
 
 
 def error_response(status: int, title: str, message: str):
