@@ -245,7 +245,7 @@ def log_catalogue(data: Data, db_path: Path) -> None:
     mlflow.log_input(dataset, context="training")
 
 
-def train(db_path: Path, image_size: int = 64, epochs: int = 20, patience: int = 4, seed: int = 42,
+def train(db_path: Path, image_size: int = 64, epochs: int = 30, patience: int = 4, seed: int = 42,
           hp: Hyperparameters | None = None) -> tuple[str, float, str]:
     """Train and log one model; returns (run id, validation accuracy, model URI)."""
     hp = hp or Hyperparameters()
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", type=Path, default=Path("databases/animal.db"))
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=4, help="early stopping, in epochs")
     parser.add_argument("--seed", type=int, default=42)
     for name, value in asdict(defaults).items():
