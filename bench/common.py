@@ -18,7 +18,6 @@ import resource  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -191,18 +190,12 @@ class Server:
         )
 
     def wait(self, timeout: float = 300) -> None:
-        import requests
+        from web.serve import wait_until_ready
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"server exited with code {self._process.returncode}; see {self._log.name}")
-            try:
-                if requests.get(f"{self.url}/ping", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        if wait_until_ready(f"{self.url}/ping", self._process, timeout):
+            return
+        if self._process.poll() is not None:
+            raise RuntimeError(f"server exited with code {self._process.returncode}; see {self._log.name}")
         raise TimeoutError(f"server did not answer within {timeout} s; see {self._log.name}")
 
     def stop(self) -> None:

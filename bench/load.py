@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from web.serve import wait_until_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKDIR = ROOT / "bench" / "results" / "load"  # git-ignored
 KINDS = ("page /api/predict", "page /predict", "page /images/<id>", "scoring /invocations")
@@ -65,16 +67,10 @@ class Server:
                                         start_new_session=True)
 
     def wait(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}; see {self.log}")
-            try:
-                if requests.get(self._ready, timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        if wait_until_ready(self._ready, self.process, timeout):
+            return
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.process.returncode}; see {self.log}")
         raise TimeoutError(f"{self.name} did not answer within {timeout:g} s; see {self.log}")
 
     def rss_mb(self) -> float:

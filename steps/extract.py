@@ -239,7 +239,7 @@ def _log_to_mlflow(args: argparse.Namespace, report: ExtractReport) -> None:
     import mlflow
 
     with mlflow.start_run():
-        mlflow.log_params({k: v for k, v in vars(args).items()})
+        mlflow.log_params(vars(args))
         mlflow.log_metrics({"written": report.written, "unchanged": report.unchanged,
                             "skipped": len(report.skipped), "ignored": report.ignored})
         if report.skipped:

@@ -54,6 +54,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    """True once `url` answers 200; False if the process exits or `timeout` passes first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         try:
