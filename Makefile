@@ -3,10 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
-export TF_CPP_MIN_LOG_LEVEL ?= 2
-export TF_ENABLE_ONEDNN_OPTS ?= 0
 
-.PHONY: install install-test browser run serve load test clean
+.PHONY: install install-test browser run serve load lint test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +28,10 @@ serve: install  ## the scoring server (:5001) and the upload page (http://127.0.
 load: install  ## 5,000 requests from 16 threads to the page and the scoring server: req/s, latency, errors, memory
 	$(BIN)/python -m bench.load
 
-test: install-test  ## the whole test suite
+lint: install-test  ## ruff, configured in pyproject.toml: any finding fails
+	$(BIN)/ruff check .
+
+test: install-test lint  ## lint, then the whole test suite
 	$(BIN)/python -m pytest
 
 clean:  ## generated data, catalogue, runs (not the venv)

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import sys
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from bench.common import RESULTS, ROOT, catalogue_rows, machine, setup, table  # noqa: E402
+from bench.common import RESULTS, ROOT, catalogue_rows, machine, setup, table
 
 AFHQ_SAMPLE = ROOT.parent / "shared" / "data" / "afhq-sample"
 

@@ -122,9 +122,6 @@ def server_env(**extra: str) -> dict:
     env = dict(os.environ, **extra)
     # mlflow starts `uvicorn` by name: the venv's bin folder must come first on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return env
 
 

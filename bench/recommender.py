@@ -15,23 +15,21 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import sqlite3  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import tracemalloc  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import gc
+import json
+import sqlite3
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench.common import RESULTS, catalogue_rows, machine, percentiles, setup, table  # noqa: E402
-from pyfunc.recommender import Recommender, write_gallery  # noqa: E402
+from bench.common import RESULTS, catalogue_rows, machine, percentiles, setup, table
+from pyfunc.recommender import Recommender, write_gallery
 
 LABELS = ("cat", "dog", "wild")
 K = 5

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from bench.common import RESULTS, ROOT, catalogue_db, machine, peak_rss_mb, table  # noqa: E402
+from bench.common import RESULTS, ROOT, catalogue_db, machine, peak_rss_mb, table
 
 WAYS = ("ours", "tutorial")
 # decode: the images alone, as each way reads them; input: plus shuffling and augmentation, what

@@ -14,18 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import mlflow  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.models import ModelSignature  # noqa: E402
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: E402
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
-from mlflow.types.schema import Array, Object, Property  # noqa: E402
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, Object, Property
 
-from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image  # noqa: E402
-from pyfunc.recommender import Recommender  # noqa: E402
+from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image
+from pyfunc.recommender import Recommender
 
 EMBEDDING_LAYER = "embedding"
 DEFAULT_K = 5

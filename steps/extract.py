@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pyfunc.preprocess import ImageError, load_image
+from steps import defaults
 
 log = logging.getLogger("extract")
 
@@ -61,9 +62,9 @@ def extract(
     source: str,
     image_store: Path,
     metadata_csv: Path,
-    images_per_class: int = 600,
-    val_fraction: float = 0.2,
-    seed: int = 42,
+    images_per_class: int = defaults.IMAGES_PER_CLASS,
+    val_fraction: float = defaults.VAL_FRACTION,
+    seed: int = defaults.SEED,
 ) -> ExtractReport:
     """Write every usable image of `source` into the store and list them all in `metadata_csv`."""
     report = ExtractReport()
@@ -210,15 +211,20 @@ def _write_csv(metadata_csv: Path, rows: list[dict]) -> None:
     _write_atomic(metadata_csv, buffer.getvalue().encode())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="synthetic", help="'synthetic' or an AFHQ folder or .zip")
-    parser.add_argument("--image-store", type=Path, default=Path("data/images"))
-    parser.add_argument("--metadata", type=Path, default=Path("data/metadata.csv"))
-    parser.add_argument("--images-per-class", type=int, default=600, help="synthetic only: train + val")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="synthetic only")
-    parser.add_argument("--seed", type=int, default=42, help="synthetic only")
-    args = parser.parse_args(argv)
+    parser.add_argument("--source", default=defaults.SOURCE, help="'synthetic' or an AFHQ folder or .zip")
+    parser.add_argument("--image-store", type=Path, default=defaults.IMAGE_STORE)
+    parser.add_argument("--metadata", type=Path, default=defaults.METADATA)
+    parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS,
+                        help="synthetic only: train + val")
+    parser.add_argument("--val-fraction", type=float, default=defaults.VAL_FRACTION, help="synthetic only")
+    parser.add_argument("--seed", type=int, default=defaults.SEED, help="synthetic only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = extract(args.source, args.image_store, args.metadata, args.images_per_class,

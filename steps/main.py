@@ -1,17 +1,24 @@
-"""main: extract -> populate -> train -> register -> promote, each step a child run of this one."""
+"""main: extract -> populate -> train -> register -> promote, each step a child run of this one.
+
+Every flag of `train` is a flag of `main` too and is forwarded as given, so
+`mlflow run . -P conv_blocks=4` trains the same network as `mlflow run . -e train -P conv_blocks=4`.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 
-from steps.register import ALIAS, MODEL_NAME, register
-from steps.train import MODEL_TAG
+from steps import defaults
+from steps.defaults import ALIAS, MODEL_NAME
+from steps.register import register
+from steps.train import MODEL_TAG, add_hyperparameter_flags, hyperparameters_from
 
 PROJECT = str(Path(__file__).resolve().parents[1])
 
@@ -24,29 +31,36 @@ def run_step(entry_point: str, parameters: dict) -> mlflow.entities.Run:
     return MlflowClient().get_run(submitted.run_id)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=defaults.SOURCE, help="'synthetic' or an AFHQ folder or .zip")
+    parser.add_argument("--data-dir", type=Path, default=defaults.DATA_DIR,
+                        help="the image store (images/) and metadata CSV go here")
+    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
+    parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS)
+    parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
+    parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
+    parser.add_argument("--patience", type=int, default=defaults.PATIENCE)
+    parser.add_argument("--seed", type=int, default=defaults.SEED)
+    add_hyperparameter_flags(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--source", default="synthetic")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--db", type=Path, default=Path("databases/animal.db"))
-    parser.add_argument("--images-per-class", type=int, default=600)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     image_store, metadata = (args.data_dir / "images").resolve(), (args.data_dir / "metadata.csv").resolve()
     db = args.db.resolve()
+    hp = hyperparameters_from(args)
 
     with mlflow.start_run() as parent:
-        mlflow.log_params(vars(args))
         run_step("extract", {"source": args.source, "image_store": image_store, "metadata": metadata,
                              "images_per_class": args.images_per_class, "seed": args.seed})
         run_step("populate", {"metadata": metadata, "image_store": image_store, "db": db})
         trained = run_step("train", {"db": db, "image_size": args.image_size, "epochs": args.epochs,
-                                     "seed": args.seed})
-        print(f"\n=== register ===", flush=True)
+                                     "patience": args.patience, "seed": args.seed, **asdict(hp)})
+        print("\n=== register ===", flush=True)
         promotion = register(trained.data.tags[MODEL_TAG], db)
         mlflow.log_metrics({"val_accuracy": promotion.accuracy, "promoted": float(promotion.promoted)})
         mlflow.set_tags({"model_version": promotion.version, "promotion": promotion.reason})
@@ -60,7 +74,7 @@ model             {MODEL_NAME} version {promotion.version}
 promoted          {"yes" if promotion.promoted else "no"} ({promotion.reason})
 took              {minutes} min {seconds} s
 serve it          mlflow models serve -m models:/{MODEL_NAME}@{ALIAS} -p 5001 --env-manager local
-look at runs      mlflow ui --backend-store-uri sqlite:///mlflow.db""")
+look at runs      mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}""")
     return 0
 
 

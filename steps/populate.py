@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from databases import catalogue
+from steps import defaults
 
 log = logging.getLogger("populate")
 
@@ -80,12 +81,16 @@ def _problem(row: dict, image_store: Path) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--metadata", type=Path, default=Path("data/metadata.csv"))
-    parser.add_argument("--image-store", type=Path, default=Path("data/images"))
-    parser.add_argument("--db", type=Path, default=Path("databases/animal.db"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--metadata", type=Path, default=defaults.METADATA)
+    parser.add_argument("--image-store", type=Path, default=defaults.IMAGE_STORE)
+    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = populate(args.metadata, args.image_store, args.db)

@@ -20,12 +20,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from databases import catalogue
+from steps import defaults
+from steps.defaults import ALIAS, MODEL_NAME, STAGE
 
 log = logging.getLogger("register")
 
-MODEL_NAME = "animal"
-ALIAS = "production"
-STAGE = "Production"
 # Stages are deprecated in favour of aliases, but `models:/animal/Production` is what users serve:
 # we set both, knowingly, so the deprecation warning is noise here.
 warnings.filterwarnings("ignore", category=FutureWarning, module=__name__)
@@ -125,12 +124,16 @@ def _production_version(client: MlflowClient, name: str):
     return versions[0] if versions else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", required=True, help="e.g. models:/m-<id> or runs:/<run id>/model")
-    parser.add_argument("--db", type=Path, default=Path("databases/animal.db"))
+    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
     parser.add_argument("--name", default=MODEL_NAME)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = register(args.model_uri, args.db, args.name)
     print(f"register: {args.name} version {result.version}: {result.reason}")

@@ -12,53 +12,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import keras  # noqa: E402
-import matplotlib  # noqa: E402
+import keras
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from sklearn.metrics import classification_report, confusion_matrix
 
-from databases import catalogue  # noqa: E402
-from pyfunc.model import EMBEDDING_LAYER, log_animal_model, with_embedding  # noqa: E402
-from pyfunc.preprocess import load_image  # noqa: E402
+from databases import catalogue
+from pyfunc.model import EMBEDDING_LAYER, log_animal_model, with_embedding
+from pyfunc.preprocess import load_image
+from steps import defaults
+from steps.defaults import Hyperparameters
 
 # Known, harmless warnings that would bury the training log.
 warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways")
 warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
 warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed")
 
-MODEL_TAG = "model_uri"
-WARMUP_EPOCHS = 6  # early stopping never stops before this epoch  # run tag through which `main` and `tune` find the logged model
-
-
-@dataclass
-class Hyperparameters:
-    # Defaults from the tuner's best region on the synthetic data (README, "Tuning"): five blocks
-    # see the whole 64 px face (ear shape and muzzle together decide the class), narrow ones keep
-    # an epoch short on two CPU cores.
-    conv_blocks: int = 5
-    filters: int = 16  # of the first block; each block doubles it
-    dense_units: int = 256  # size of the embedding used for "similar images"
-    dropout: float = 0.1
-    learning_rate: float = 2e-3
-    augment: float = 0.05  # strength of rotation, zoom, translation and contrast
-    batch_size: int = 32
+MODEL_TAG = "model_uri"  # run tag through which `main` and `tune` find the logged model
+WARMUP_EPOCHS = 6  # early stopping never stops before this epoch
 
 
 @dataclass
@@ -245,7 +229,8 @@ def log_catalogue(data: Data, db_path: Path) -> None:
     mlflow.log_input(dataset, context="training")
 
 
-def train(db_path: Path, image_size: int = 64, epochs: int = 30, patience: int = 4, seed: int = 42,
+def train(db_path: Path, image_size: int = defaults.IMAGE_SIZE, epochs: int = defaults.EPOCHS,
+          patience: int = defaults.PATIENCE, seed: int = defaults.SEED,
           hp: Hyperparameters | None = None) -> tuple[str, float, str]:
     """Train and log one model; returns (run id, validation accuracy, model URI)."""
     hp = hp or Hyperparameters()
@@ -262,18 +247,30 @@ def train(db_path: Path, image_size: int = 64, epochs: int = 30, patience: int =
     return run.info.run_id, accuracy, model_uri
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = Hyperparameters()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", type=Path, default=Path("databases/animal.db"))
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--patience", type=int, default=4, help="early stopping, in epochs")
-    parser.add_argument("--seed", type=int, default=42)
-    for name, value in asdict(defaults).items():
+def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
+    """--conv-blocks, --filters, ...: one flag per Hyperparameters field, its default the field's."""
+    for name, value in asdict(Hyperparameters()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
-    hp = Hyperparameters(**{name: getattr(args, name) for name in asdict(defaults)})
+
+
+def hyperparameters_from(args: argparse.Namespace) -> Hyperparameters:
+    return Hyperparameters(**{name: getattr(args, name) for name in asdict(Hyperparameters())})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
+    parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
+    parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
+    parser.add_argument("--patience", type=int, default=defaults.PATIENCE, help="early stopping, in epochs")
+    parser.add_argument("--seed", type=int, default=defaults.SEED)
+    add_hyperparameter_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    hp = hyperparameters_from(args)
     try:
         run_id, accuracy, model_uri = train(args.db, args.image_size, args.epochs, args.patience, args.seed, hp)
     except (FileNotFoundError, ValueError, LookupError) as error:

@@ -32,18 +32,18 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from steps import train  # sets the TensorFlow log level before TensorFlow is imported
+from steps import defaults, train
 
-import keras  # noqa: E402
-import keras_tuner as kt  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
+import keras
+import keras_tuner as kt
+import matplotlib.pyplot as plt
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps.register import ALIAS, MODEL_NAME, Promotion, register  # noqa: E402
+from steps.register import ALIAS, MODEL_NAME, Promotion, register
 
 TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
@@ -208,9 +208,10 @@ class Result:
     promotion: Promotion
 
 
-def tune(db_path: Path, max_trials: int = 6, epochs: int = 12, tuner: str = "bayesian", image_size: int = 64,
-         seed: int = 42, overwrite: bool = False, directory: Path = Path("outputs/tuning"),
-         patience: int = 0, model_name: str = MODEL_NAME) -> Result | None:
+def tune(db_path: Path, max_trials: int = defaults.MAX_TRIALS, epochs: int = defaults.TUNE_EPOCHS,
+         tuner: str = defaults.TUNER, image_size: int = defaults.IMAGE_SIZE, seed: int = defaults.SEED,
+         overwrite: bool = False, directory: Path = defaults.TUNING_DIR, patience: int = defaults.TUNE_PATIENCE,
+         model_name: str = MODEL_NAME) -> Result | None:
     """Run (or resume) a search; returns its result, or None on a distributed worker."""
     started, mode = time.monotonic(), role()
     # Inside `mlflow run`, the run it made for this command; the search's parent run may be another.
@@ -436,19 +437,23 @@ more trials       mlflow run . -e tune --env-manager local -P tuner={tuner} -P m
 serve it          mlflow models serve -m models:/{model_name}@{ALIAS} -p 5001 --env-manager local""")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", type=Path, default=Path("databases/animal.db"))
-    parser.add_argument("--max-trials", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=12, help="per trial (Hyperband: the most per trial)")
-    parser.add_argument("--tuner", choices=sorted(TUNERS), default="bayesian")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--patience", type=int, default=0, help="early stopping within a trial, in epochs; 0: off")
+    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
+    parser.add_argument("--max-trials", type=int, default=defaults.MAX_TRIALS)
+    parser.add_argument("--epochs", type=int, default=defaults.TUNE_EPOCHS, help="per trial (Hyperband: the most per trial)")
+    parser.add_argument("--tuner", choices=sorted(TUNERS), default=defaults.TUNER)
+    parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
+    parser.add_argument("--seed", type=int, default=defaults.SEED)
+    parser.add_argument("--patience", type=int, default=defaults.TUNE_PATIENCE, help="early stopping within a trial, in epochs; 0: off")
     parser.add_argument("--overwrite", type=lambda s: s.strip().lower() in ("true", "1", "yes"), default=False,
                         help="true: start the search over; false (default): resume it")
-    parser.add_argument("--directory", type=Path, default=Path("outputs/tuning"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--directory", type=Path, default=defaults.TUNING_DIR)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         tune(args.db, args.max_trials, args.epochs, args.tuner, args.image_size, args.seed, args.overwrite,

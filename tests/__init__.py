@@ -1,0 +1,1 @@
+import pyfunc  # noqa: F401  (the TensorFlow environment, set before TensorFlow loads)

@@ -32,8 +32,6 @@ def start_scoring_server(model: str, host: str, port: int, workers: int) -> subp
     # mlflow starts `uvicorn` by name: the venv's bin folder must come first on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "-h", host, "-p", str(port),
                "-w", str(workers), "--env-manager", "local"]
     # Its own process group: we stop mlflow and the uvicorn workers it starts together.

@@ -1,0 +1,68 @@
+"""Every default is defined once, in code: the MLproject's defaults must be the CLIs' defaults, which
+come from steps/defaults.py. A difference means `mlflow run` and `python -m steps.X` train differently."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import keras_tuner as kt
+import pytest
+import yaml
+
+from steps import defaults
+from tests.conftest import ROOT
+
+MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
+ENTRY_POINTS = MLPROJECT["entry_points"]
+
+
+def cli_defaults(command: str) -> dict[str, object]:
+    """{MLproject parameter: the default of the flag it is passed to} for one entry point's command."""
+    module = re.match(r"python -m ([\w.]+)", command).group(1)
+    parser: argparse.ArgumentParser = importlib.import_module(module).build_parser()
+    by_flag = {option: action for action in parser._actions for option in action.option_strings}
+    return {param: by_flag[flag].default for flag, param in re.findall(r"(--[\w-]+) \{(\w+)\}", command)}
+
+
+def same(mlproject_default, code_default) -> bool:
+    if isinstance(code_default, bool):
+        return str(mlproject_default).lower() == str(code_default).lower()
+    if isinstance(code_default, (int, float)):
+        return float(mlproject_default) == float(code_default)
+    return str(mlproject_default) == str(code_default)
+
+
+@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
+def test_every_mlproject_default_is_the_code_default(entry_point):
+    spec = ENTRY_POINTS[entry_point]
+    code = cli_defaults(spec["command"])
+    assert set(code) == set(spec["parameters"]), "every parameter is passed to a flag, and only those"
+    for param, declared in spec["parameters"].items():
+        if not isinstance(declared, dict) or "default" not in declared:
+            continue  # required parameter (no default on either side)
+        assert same(declared["default"], code[param]), (
+            f"MLproject {entry_point}.{param} = {declared['default']!r}, code default = {code[param]!r}")
+
+
+def test_main_and_train_take_the_same_hyperparameters():
+    hyperparameters = set(asdict(defaults.Hyperparameters()))
+    assert hyperparameters <= set(ENTRY_POINTS["train"]["parameters"])
+    assert hyperparameters <= set(ENTRY_POINTS["main"]["parameters"])
+
+
+def test_the_search_space_starts_from_the_train_defaults():
+    from steps.tune import hyperparameters
+
+    assert hyperparameters(kt.HyperParameters()) == defaults.Hyperparameters()
+
+
+def test_no_module_sets_the_tensorflow_environment_but_pyfunc():
+    setters = [path.relative_to(ROOT) for folder in ("steps", "pyfunc", "web", "bench", "tests")
+               for path in (ROOT / folder).rglob("*.py")
+               if path != ROOT / "pyfunc" / "__init__.py" and path != Path(__file__)
+               and re.search(r"TF_CPP_MIN_LOG_LEVEL|TF_ENABLE_ONEDNN_OPTS", path.read_text())]
+    assert setters == []
+    assert "ONEDNN" not in (ROOT / "Makefile").read_text()
