@@ -8,9 +8,6 @@ cats from real dogs; this report says how far off it is instead of hiding it.
 """
 from __future__ import annotations
 
-import os
-
-
 import argparse
 import sys
 from pathlib import Path

@@ -8,17 +8,15 @@ later runs, so only the first one pays for training).
 from __future__ import annotations
 
 import os
-
-
 import platform
 import resource
 import socket
 import subprocess
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -13,9 +13,6 @@ pattern (from the catalogue's `attributes`), next to chance (5 random gallery im
 """
 from __future__ import annotations
 
-import os
-
-
 import argparse
 import gc
 import json

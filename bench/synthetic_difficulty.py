@@ -11,9 +11,7 @@ Prints a table of measured numbers; asserts nothing (see DESIGN.md, bench/).
 from __future__ import annotations
 
 import argparse
-import os
 import time
-
 
 import numpy as np
 from PIL import Image

@@ -16,11 +16,9 @@ reported on its own: it is where our cache is filled.
 """
 from __future__ import annotations
 
-import os
-
-
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys

@@ -7,15 +7,12 @@ The contract is in ../shared/DESIGN.md ("The served model").
 from __future__ import annotations
 
 import json
-import os
 from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
-
-
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE

@@ -30,7 +30,7 @@ def write_gallery(db_path: str | Path, ids, paths, labels, embeddings: np.ndarra
         conn.execute(SCHEMA)
         conn.executemany(
             "INSERT INTO gallery (id, path, label, embedding) VALUES (?, ?, ?, ?)",
-            ((int(i), str(p), str(l), v.tobytes()) for i, p, l, v in zip(ids, paths, labels, vectors)),
+            ((int(i), str(path), str(label), v.tobytes()) for i, path, label, v in zip(ids, paths, labels, vectors)),
         )
     conn.close()
 

@@ -17,9 +17,9 @@ import re
 import sys
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 from tqdm import tqdm

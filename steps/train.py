@@ -18,7 +18,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 import keras
 import matplotlib
 

@@ -32,8 +32,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from steps import defaults, train
-
 import keras
 import keras_tuner as kt
 import matplotlib.pyplot as plt
@@ -43,6 +41,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from steps import defaults, train
 from steps.register import ALIAS, MODEL_NAME, Promotion, register
 
 TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}

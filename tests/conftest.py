@@ -3,8 +3,6 @@ data (once per session), and a real `mlflow models serve` of its Production mode
 from __future__ import annotations
 
 import os
-
-
 import socket
 import subprocess
 import sys

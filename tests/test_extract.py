@@ -133,8 +133,8 @@ def test_real_afhq_sample(tmp_path):
     report = extract(str(SHARED_SAMPLE), tmp_path / "images", tmp_path / "meta.csv")
     rows = read_csv(tmp_path / "meta.csv")
     assert len(rows) == 57 and not report.skipped
-    counts = {(s, l): sum(r["split"] == s and r["label"] == l for r in rows)
-              for s in ("train", "val") for l in ("cat", "dog", "wild")}
+    counts = {(s, label): sum(r["split"] == s and r["label"] == label for r in rows)
+              for s in ("train", "val") for label in ("cat", "dog", "wild")}
     assert counts == {("train", "cat"): 5, ("train", "dog"): 5, ("train", "wild"): 5,
                       ("val", "cat"): 16, ("val", "dog"): 11, ("val", "wild"): 15}
     assert {(r["width"], r["height"]) for r in rows} == {("512", "512")}

@@ -45,7 +45,7 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bomb(side: int = 7000) -> bytes:
     """A real, valid PNG of side x side black pixels: about 150 KB on disk, 147 MB once decoded.
     7000 x 7000 = 49 MP is past our 40 MP limit but under Pillow's own (89 MP): only ours stops it."""

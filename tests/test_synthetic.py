@@ -5,8 +5,18 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from steps.synthetic import (BACKGROUNDS, EAR_SHAPES, EYE_COLORS, FUR_COLORS, IMAGE_SIZE, LABELS, MUZZLES,
-                             PATTERNS, SUBTYPES, draw_face)
+from steps.synthetic import (
+    BACKGROUNDS,
+    EAR_SHAPES,
+    EYE_COLORS,
+    FUR_COLORS,
+    IMAGE_SIZE,
+    LABELS,
+    MUZZLES,
+    PATTERNS,
+    SUBTYPES,
+    draw_face,
+)
 
 VOCABULARY = {
     "fur_color": set(FUR_COLORS),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -21,7 +22,7 @@ class NaiveModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import keras
 
-        config = json.loads(open(context.artifacts["config"]).read())
+        config = json.loads(Path(context.artifacts["config"]).read_text())
         self.labels, self.image_size = config["labels"], config["image_size"]
         self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
 
