@@ -81,9 +81,8 @@ class AnimalHyperModel(kt.HyperModel):
     def __init__(self, data: train.Data, image_size: int, patience: int, seed: int):
         super().__init__(name="animal_cnn")
         self.data, self.image_size, self.patience, self.seed = data, image_size, patience, seed
-        # 0: no early stopping. This CNN's validation accuracy often sits at chance for several
-        # epochs (BatchNorm's moving statistics lag) before it takes off: a short patience would
-        # end such a trial, and judge the configuration, before its model had started.
+        # patience 0: no early stopping, so that every trial's schedule runs to its end and trials
+        # are compared at the same point of their learning-rate decay.
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         keras.utils.set_random_seed(self.seed)  # same initialisation for every trial: only the hps differ
@@ -224,32 +223,45 @@ def tune(db_path: Path, max_trials: int = defaults.MAX_TRIALS, epochs: int = def
         print("[tune] overwrite is the chief's to decide: this worker joins the search as it is")
     search = make_tuner(tuner, hypermodel, max_trials, epochs, seed, directory,
                         overwrite=overwrite and mode != "worker")
-    state_file = Path(search.project_dir) / STATE_FILE
-
     if mode == "worker":
-        search.oracle.get_space()  # blocks until the chief serves the oracle (and wrote search.json)
-        # MLFLOW_PARENT_RUN_ID lets a worker join without reading the chief's folder (no settings check then).
-        given = os.environ.get(PARENT_ENV)
-        state = read_state(state_file, settings) if state_file.exists() or not given else {}
-        parent = MlflowClient().get_run(given or state["parent_run_id"])
-        search.search_run = parent.info
-        tag_session(launcher, parent.info.run_id, f"worker {search.tuner_id}", "worker")
-        print(f"[tune] worker {search.tuner_id}: trials go to MLflow run {parent.info.run_id}", flush=True)
-        search.search(epochs=epochs, callbacks=[train.MlflowMetrics()], verbose=0)
-        print(f"[tune] worker {search.tuner_id}: the oracle has no more trials; the chief logs the result")
+        run_worker(search, settings, epochs, launcher)
         return None
+    result = run_search(search, settings, data, db_path, max_trials, directory, launcher, model_name)
+    print_summary(result, tuner, model_name, started)
+    return result
 
+
+def run_worker(search: kt.Tuner, settings: dict, epochs: int, launcher: str | None) -> None:
+    """A distributed worker: trials from the chief's oracle, logged under the chief's parent run."""
+    state_file = Path(search.project_dir) / STATE_FILE
+    search.oracle.get_space()  # blocks until the chief serves the oracle (and wrote search.json)
+    # MLFLOW_PARENT_RUN_ID lets a worker join without reading the chief's folder (no settings check then).
+    given = os.environ.get(PARENT_ENV)
+    state = read_state(state_file, settings) if state_file.exists() or not given else {}
+    parent = MlflowClient().get_run(given or state["parent_run_id"])
+    search.search_run = parent.info
+    tag_session(launcher, parent.info.run_id, f"worker {search.tuner_id}", "worker")
+    print(f"[tune] worker {search.tuner_id}: trials go to MLflow run {parent.info.run_id}", flush=True)
+    search.search(epochs=epochs, callbacks=[train.MlflowMetrics()], verbose=0)
+    print(f"[tune] worker {search.tuner_id}: the oracle has no more trials; the chief logs the result")
+
+
+def run_search(search: kt.Tuner, settings: dict, data: train.Data, db_path: Path, max_trials: int,
+               directory: Path, launcher: str | None, model_name: str) -> Result:
+    """A single process, or the chief serving the oracle: owns the parent run, new or resumed."""
+    state_file = Path(search.project_dir) / STATE_FILE
     state = read_state(state_file, settings) if state_file.exists() else {}
     parent_id = existing_run(state.get("parent_run_id"))
     if state and parent_id is None:
         print(f"[tune] warning: the search's MLflow run {state['parent_run_id']} is gone; its earlier "
               "trials stay in the search but not in MLflow")
     done = sum(t.status in ("COMPLETED", "FAILED") for t in search.oracle.trials.values())
-    print(f"[tune] {tuner} search of {plural(max_trials, 'trial')}, up to {plural(epochs, 'epoch')} each, on {len(data.y_train)} "
-          f"train / {len(data.y_val)} validation images at {image_size} px; state in {search.project_dir}"
-          + (f" (resuming: {plural(done, 'trial')} done)" if done else ""), flush=True)
+    print(f"[tune] {settings['tuner']} search of {plural(max_trials, 'trial')}, up to {plural(settings['epochs'], 'epoch')} "
+          f"each, on {len(data.y_train)} train / {len(data.y_val)} validation images at {settings['image_size']} px; "
+          f"state in {search.project_dir}" + (f" (resuming: {plural(done, 'trial')} done)" if done else ""), flush=True)
 
-    with mlflow.start_run(run_id=parent_id or launcher, run_name=None if parent_id else f"tune-{tuner}") as run:
+    run_name = None if parent_id else f"tune-{settings['tuner']}"
+    with mlflow.start_run(run_id=parent_id or launcher, run_name=run_name) as run:
         if parent_id is None:  # a new search
             log_search_settings(run, settings, data, db_path, max_trials, directory)
             train.log_catalogue(data, db_path)
@@ -258,19 +270,17 @@ def tune(db_path: Path, max_trials: int = defaults.MAX_TRIALS, epochs: int = def
         write_state(state_file, run.info.run_id, settings)
         search.search_run = run.info
         try:
-            if mode == "chief":
+            if role() == "chief":
                 if not finished(search):  # else no worker would come to tell the chief to stop
                     print(f"[tune] chief: serving the oracle on {os.environ['KERASTUNER_ORACLE_IP']}:"
                           f"{os.environ['KERASTUNER_ORACLE_PORT']}; start the workers", flush=True)
                     search.search(verbose=1)  # KerasTuner's display: the chief's view of every trial
             else:
-                search.search(epochs=epochs, callbacks=[train.MlflowMetrics()], verbose=0)
+                search.search(epochs=settings["epochs"], callbacks=[train.MlflowMetrics()], verbose=0)
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")
             raise
-        result = summarise(search, data, image_size, db_path, model_name)
-    print_summary(result, tuner, model_name, started)
-    return result
+        return summarise(search, data, settings["image_size"], db_path, model_name)
 
 
 def read_state(state_file: Path, settings: dict) -> dict:

@@ -69,3 +69,26 @@ def test_no_module_sets_the_tensorflow_environment_but_pyfunc():
                and SETS_TF_ENVIRONMENT.search(path.read_text())]
     assert setters == []
     assert "ONEDNN" not in (ROOT / "Makefile").read_text()
+
+
+def test_main_forwards_every_train_parameter(monkeypatch, tmp_path):
+    """`mlflow run . -P conv_blocks=4` on main reaches train (the steps themselves are not run here)."""
+    from steps import main as pipeline
+
+    sent: dict[str, dict] = {}
+
+    class Finished:  # what run_step returns: a finished run with the model's tag
+        data = type("data", (), {"tags": {pipeline.MODEL_TAG: "models:/m-test"}})()
+        info = type("info", (), {"run_id": "r"})()
+
+    def fake_step(entry_point: str, parameters: dict):
+        sent[entry_point] = parameters
+        return Finished()
+
+    promotion = type("Promotion", (), {"accuracy": 1.0, "promoted": True, "version": "1", "reason": "test"})()
+    monkeypatch.setattr(pipeline, "run_step", fake_step)
+    monkeypatch.setattr(pipeline, "register", lambda model_uri, db: promotion)
+    assert pipeline.main(["--conv-blocks", "4", "--learning-rate", "0.001", "--db", str(tmp_path / "c.db")]) == 0
+    expected = {**asdict(defaults.Hyperparameters()), "conv_blocks": 4, "learning_rate": 0.001}
+    assert {name: sent["train"][name] for name in expected} == expected
+    assert sent["train"]["epochs"] == defaults.EPOCHS and sent["train"]["patience"] == defaults.PATIENCE

@@ -5,11 +5,13 @@ import os
 import sqlite3
 import subprocess
 import sys
+from dataclasses import asdict
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from steps.defaults import Hyperparameters
 from tests.conftest import ROOT, SHARED_SAMPLE, TINY, VENV_PATH
 
 
@@ -39,6 +41,9 @@ def test_main_runs_every_step_and_promotes(tmp_path):
     assert set(children) == {"extract", "populate", "train"}
     assert all(r.info.status == "FINISHED" for r in children.values())
     train = children["train"]
+    # `mlflow run` fills what it is not given from the MLproject: the network must be the code's default.
+    for name, value in asdict(Hyperparameters()).items():
+        assert float(train.data.params[name]) == float(value), name
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "final_val_accuracy"} <= set(train.data.metrics)
     assert len(client.get_metric_history(train.info.run_id, "val_accuracy")) == TINY["epochs"]
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}

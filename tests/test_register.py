@@ -85,3 +85,65 @@ def test_gate_promotes_only_a_model_at_least_as_good(unbalanced_db, monkeypatch,
         monkeypatch.undo()
         mlflow.set_tracking_uri(__import__("os").environ["MLFLOW_TRACKING_URI"])
         mlflow.set_experiment("tests")
+
+
+@pytest.fixture
+def own_registry(monkeypatch, tmp_path):
+    """A registry of this test's own, so that version numbers are known."""
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("rollback")
+    yield MlflowClient()
+    mlflow.set_tracking_uri(None)
+    monkeypatch.undo()
+    mlflow.set_tracking_uri(__import__("os").environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment("tests")
+
+
+def test_rollback_forced_then_restored_and_the_tags_tell_the_story(unbalanced_db, own_registry):
+    from steps.register import promote
+
+    client = own_registry
+    better = register(constant_model("cat", unbalanced_db), unbalanced_db)  # 0.5, version 1
+    worse = register(constant_model("dog", unbalanced_db), unbalanced_db)  # 0.25, version 2, held back
+    assert (better.version, worse.version) == ("1", "2") and not worse.promoted
+
+    refused = promote("2", unbalanced_db)  # not forced: the gate still says no, and nothing changes
+    assert not refused.promoted and "below Production version 1" in refused.reason
+    assert str(client.get_model_version_by_alias("animal", "production").version) == "1"
+
+    forced = promote("2", unbalanced_db, force=True)
+    assert forced.promoted and forced.reason.startswith("forced: 0.2500 < Production version 1's 0.5000")
+    assert str(client.get_model_version_by_alias("animal", "production").version) == "2"
+    assert client.get_model_version("animal", "2").current_stage == "Production"
+    assert client.get_model_version("animal", "1").current_stage == "Archived"
+    v1, v2 = client.get_model_version("animal", "1").tags, client.get_model_version("animal", "2").tags
+    assert v2["replaced"] == "1" and v1["replaced_by"] == "2" and v2["promoted_at"] == v1["replaced_at"]
+
+    restored = promote("1", unbalanced_db)  # the better one back, through the gate
+    assert restored.promoted and restored.reason == "promoted: 0.5000 >= Production version 2's 0.2500"
+    assert str(client.get_model_version_by_alias("animal", "production").version) == "1"
+    assert [str(v.version) for v in client.get_latest_versions("animal", stages=["Production"])] == ["1"]
+    v1, v2 = client.get_model_version("animal", "1").tags, client.get_model_version("animal", "2").tags
+    assert v1["replaced"] == "2" and v2["replaced_by"] == "1" and v1["promotion"] == restored.reason
+
+    history = client.get_registered_model("animal").tags["production_history"].splitlines()
+    assert [line.split(" ", 1)[1].split(":", 1)[0] for line in history] == [
+        "version 1 replaced none", "version 2 replaced 1", "version 1 replaced 2"]
+    assert "forced" in history[1]
+
+
+def test_promote_cli_says_in_one_line_what_is_wrong(unbalanced_db, own_registry, capsys):
+    from steps.promote import main
+
+    assert main(["--version", "1", "--db", str(unbalanced_db)]) == 2
+    assert capsys.readouterr().err.strip() == "promote: error: there is no registered model named 'animal'"
+    register(constant_model("cat", unbalanced_db), unbalanced_db)
+    capsys.readouterr()
+    assert main(["--version", "7", "--db", str(unbalanced_db)]) == 2
+    assert capsys.readouterr().err.strip() == "promote: error: animal has no version '7' (versions: 1)"
+    assert main(["--version", "1", "--name", "it's", "--db", str(unbalanced_db)]) == 2
+    assert capsys.readouterr().err.strip() == "promote: error: there is no registered model named \"it's\""
+    assert main(["--version", "1", "--db", str(unbalanced_db)]) == 0
+    assert "already Production" in capsys.readouterr().out
