@@ -2,7 +2,7 @@
 
 Input: a DataFrame with a column `image` (base64 text or raw bytes of an image file).
 Output: one row per image with label, confidence, probabilities, uncertain, similar and error.
-The contract is in ../shared/DESIGN.md ("The served model").
+The contract is in docs/design.md ("The served model").
 """
 from __future__ import annotations
 

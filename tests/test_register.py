@@ -56,6 +56,7 @@ def constant_model(label: str, db) -> str:
 def test_gate_promotes_only_a_model_at_least_as_good(unbalanced_db, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'registry.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'registry.db'}")
+    mlflow.create_experiment("gate", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("gate")
     client = MlflowClient()
     try:
@@ -93,6 +94,7 @@ def own_registry(monkeypatch, tmp_path):
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("rollback", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("rollback")
     yield MlflowClient()
     mlflow.set_tracking_uri(None)

@@ -1,7 +1,7 @@
 """The upload page: upload a photo, see cat / dog / wild, its probabilities and similar images.
 
 Run it with `flask --app web.app run` (development) or `gunicorn 'web.app:app'` (production);
-it talks to `mlflow models serve` at SCORING_URL. Routes and configuration: ../shared/DESIGN.md.
+it talks to `mlflow models serve` at SCORING_URL. Routes and configuration: docs/serving.md.
 """
 from __future__ import annotations
 
