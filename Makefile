@@ -20,7 +20,7 @@ browser:  ## Debian's chromium for the real-browser test
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 run: install  ## the whole pipeline on the synthetic default
-	mlflow run . --env-manager local
+	mlflow run . --env-manager local --experiment-name animal-faces
 
 serve: install  ## the scoring server (:5001) and the upload page (http://127.0.0.1:8000) on the Production model
 	$(BIN)/python -m web.serve

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pyfunc.preprocess import ImageError, load_image
 from steps import defaults
+from steps.tracking import start_run
 
 log = logging.getLogger("extract")
 
@@ -244,7 +245,7 @@ def _log_to_mlflow(args: argparse.Namespace, report: ExtractReport) -> None:
         return
     import mlflow
 
-    with mlflow.start_run():
+    with start_run("extract"):
         mlflow.log_params(vars(args))
         mlflow.log_metrics({"written": report.written, "unchanged": report.unchanged,
                             "skipped": len(report.skipped), "ignored": report.ignored})

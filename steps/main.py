@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from steps import defaults
 from steps.defaults import ALIAS, MODEL_NAME
 from steps.register import register
+from steps.tracking import start_run
 from steps.train import MODEL_TAG, add_hyperparameter_flags, hyperparameters_from
 
 PROJECT = str(Path(__file__).resolve().parents[1])
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     db = args.db.resolve()
     hp = hyperparameters_from(args)
 
-    with mlflow.start_run() as parent:
+    with start_run("main") as parent:
         run_step("extract", {"source": args.source, "image_store": image_store, "metadata": metadata,
                              "images_per_class": args.images_per_class, "seed": args.seed})
         run_step("populate", {"metadata": metadata, "image_store": image_store, "db": db})

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from databases import catalogue
 from steps import defaults
+from steps.tracking import start_run
 
 log = logging.getLogger("populate")
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if "MLFLOW_RUN_ID" in os.environ:
         import mlflow
 
-        with mlflow.start_run():
+        with start_run("populate"):
             mlflow.log_params(vars(args))
             mlflow.log_metrics({"inserted": report.inserted, "updated": report.updated,
                                 "unchanged": report.unchanged, "rejected": len(report.rejected)})

@@ -34,6 +34,7 @@ from pyfunc.model import EMBEDDING_LAYER, log_animal_model, with_embedding
 from pyfunc.preprocess import load_image
 from steps import defaults
 from steps.defaults import Hyperparameters
+from steps.tracking import start_run
 
 # Known, harmless warnings that would bury the training log.
 warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways")
@@ -245,7 +246,7 @@ def train(db_path: Path, image_size: int = defaults.IMAGE_SIZE, epochs: int = de
     hp = hp or Hyperparameters()
     keras.utils.set_random_seed(seed)
     data = load_data(db_path, image_size)
-    with mlflow.start_run() as run:
+    with start_run("train") as run:
         mlflow.log_params({**asdict(hp), "image_size": image_size, "epochs": epochs, "patience": patience,
                            "seed": seed, "db": str(db_path), "labels": json.dumps(data.labels),
                            "train_images": len(data.y_train), "val_images": len(data.y_val)})

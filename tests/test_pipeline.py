@@ -39,6 +39,9 @@ def test_main_runs_every_step_and_promotes(tmp_path):
     children = {r.data.tags.get("mlflow.project.entryPoint"): r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"extract", "populate", "train"}
+    # Each run is named after what ran, not a generated name.
+    assert parent.info.run_name == "main"
+    assert all(run.info.run_name == entry_point for entry_point, run in children.items())
     assert all(r.info.status == "FINISHED" for r in children.values())
     train = children["train"]
     # `mlflow run` fills what it is not given from the MLproject: the network must be the code's default.
