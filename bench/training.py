@@ -81,7 +81,9 @@ def measure(way: str, phase: str, db: Path, image_size: int, batch_size: int, ep
     seconds: list[float] = []
     result: dict = {"way": way, "phase": phase, "n_train": n_train, "epoch_s": seconds}
     if phase == "fit":
-        model = train.build_model(train.Hyperparameters(batch_size=batch_size), image_size, len(labels))
+        hp = train.Hyperparameters(batch_size=batch_size)
+        model = train.build_model(hp, image_size, len(labels))
+        train.compile_model(model, hp, steps_per_epoch=-(-n_train // batch_size), epochs=epochs)
         # Wall time of each epoch as fit runs it: the training pass and the validation pass.
         clock = keras.callbacks.LambdaCallback(
             on_epoch_begin=lambda epoch, logs: seconds.append(-time.perf_counter()),
