@@ -1,4 +1,5 @@
-"""What every benchmark shares: the model to measure, the machine it ran on, tables, servers.
+"""What every benchmark shares: the model to measure, the machine it ran on, tables (servers are
+started by web.serve, the one helper for that).
 
 The model is, in order of preference: a model URI given on the command line; `models:/animal/Production`
 of the project's own `./mlflow.db` with its catalogue `databases/animal.db` (what `make run` makes);
@@ -10,9 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import socket
 import subprocess
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"  # git-ignored: plots and the benchmarks' own pipeline run
 MODEL_NAME, STAGE = "animal", "Production"
-# `mlflow models serve` starts `uvicorn` by name: the venv's bin folder must be on PATH.
-VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @dataclass(frozen=True)
@@ -161,42 +158,3 @@ def catalogue_rows(db: Path, split: str | None = None):
         return catalogue.images(conn, split=split)
     finally:
         conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`mlflow models serve` of one model on a free loopback port; starts at once, `wait` until it
-    answers, `stop` always (both servers start together, so neither waits for the other)."""
-
-    def __init__(self, model_uri: str, tracking_uri: str, log: Path, workers: int = 1):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = log.open("w")
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-p", str(self.port),
-             "-h", "127.0.0.1", "--env-manager", "local", "-w", str(workers)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": VENV_PATH},
-        )
-
-    def wait(self, timeout: float = 300) -> None:
-        from web.serve import wait_until_ready
-
-        if wait_until_ready(f"{self.url}/ping", self._process, timeout):
-            return
-        if self._process.poll() is not None:
-            raise RuntimeError(f"server exited with code {self._process.returncode}; see {self._log.name}")
-        raise TimeoutError(f"server did not answer within {timeout} s; see {self._log.name}")
-
-    def stop(self) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-        self._log.close()

@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import RESULTS, Server, catalogue_rows, machine, percentiles, setup, table
+from bench.common import RESULTS, catalogue_rows, machine, percentiles, setup, table
+from web.serve import Served, start_scoring_server
 
 WAYS = ("ours", "baseline")
 
@@ -146,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     batches: dict[str, Load] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         baseline = save_baseline(model.model_uri, Path(tmp) / "baseline")
-        servers: dict[str, Server] = {}
+        servers: dict[str, Served] = {}
         for way, uri in (("ours", model.model_uri), ("baseline", str(baseline))):
-            servers[way] = Server(uri, model.tracking_uri, Path(tmp) / f"{way}.log", args.workers)
+            # Both start at once and are waited for afterwards: neither waits for the other to load.
+            servers[way] = start_scoring_server(uri, tracking_uri=model.tracking_uri, workers=args.workers,
+                                                log=Path(tmp) / f"{way}.log")
             stack.callback(servers[way].stop)
         for server in servers.values():
             server.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,35 +74,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    from web.serve import wait_until_ready
-
-    if wait_until_ready(url, process, timeout):
-        return
-    if process.poll() is not None:
-        raise RuntimeError(f"server exited with code {process.returncode}: {url}")
-    raise TimeoutError(f"server did not answer within {timeout} s: {url}")
-
-
 @pytest.fixture(scope="session")
 def scoring_server(pipeline, tmp_path_factory) -> str:
     """`mlflow models serve` of models:/animal/Production; yields its base URL."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/animal/Production",
-         "-p", str(port), "-h", "127.0.0.1", "--env-manager", "local", "-w", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri, "PATH": VENV_PATH},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/ping", process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    from web.serve import scoring_server as serve
+
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve("models:/animal/Production", wait=180, tracking_uri=pipeline.tracking_uri, log=log) as served:
+        yield served.url
