@@ -5,7 +5,7 @@
 Starts the scoring server (`mlflow models serve --env-manager local`) on the registered Production
 model of ./mlflow.db with its catalogue databases/animal.db (what `make run` makes); without one,
 it first makes a small model of its own in bench/results/load/ (reused by later runs). Then it
-starts the page under gunicorn (2 workers x 8 threads), warms both up, and sends a fixed number
+starts the page under gunicorn (gunicorn.conf.py, 2 workers x 8 threads), warms both up, and sends a fixed number
 of requests from `--concurrency` threads, in turn to: the page's POST /api/predict, the page's
 POST /predict (the HTML result), the page's GET /images/<id>, and the scoring server's
 POST /invocations. Every answer is checked (status and content), not only timed.
@@ -25,8 +25,6 @@ import base64
 import itertools
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from web.serve import wait_until_ready
+from web.serve import Served, server_env, start_page_server, start_scoring_server
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKDIR = ROOT / "bench" / "results" / "load"  # git-ignored
@@ -50,44 +48,9 @@ LABELS = {"cat", "dog", "wild"}
 
 # --- the servers --------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """A server process in its own process group (stopped together with its workers)."""
-
-    def __init__(self, name: str, command: list[str], env: dict, url: str, ready_path: str, log: Path):
-        self.name, self.url, self.log = name, url, log
-        self._ready = f"{url}{ready_path}"
-        self._log = log.open("w")
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def wait(self, timeout: float = 300) -> None:
-        if wait_until_ready(self._ready, self.process, timeout):
-            return
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with code {self.process.returncode}; see {self.log}")
-        raise TimeoutError(f"{self.name} did not answer within {timeout:g} s; see {self.log}")
-
-    def rss_mb(self) -> float:
-        """Resident memory of the server and every process it started (gunicorn and uvicorn workers)."""
-        return sum(_vm_rss_kb(pid) for pid in _process_tree(self.process.pid)) / 1024
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            except ProcessLookupError:
-                pass
-        self._log.close()
+def rss_mb(server: Served) -> float:
+    """Resident memory of the server and every process it started (gunicorn and uvicorn workers)."""
+    return sum(_vm_rss_kb(pid) for pid in _process_tree(server.process.pid)) / 1024
 
 
 def _process_tree(root: int) -> list[int]:
@@ -118,27 +81,16 @@ def _vm_rss_kb(pid: int) -> int:
     return 0
 
 
-def server_env(**extra: str) -> dict:
-    env = dict(os.environ, **extra)
-    # mlflow starts `uvicorn` by name: the venv's bin folder must come first on PATH.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
+def image_store(db: Path) -> Path:
+    """The image store the catalogue was populated from: the page is told it (IMAGE_STORE), it
+    never takes it from the catalogue itself."""
+    from databases import catalogue
 
-
-def start_scoring(tracking_uri: str, model_uri: str, logs: Path) -> Server:
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1",
-               "-p", str(port), "-w", "1", "--env-manager", "local"]
-    return Server("scoring server", command, server_env(MLFLOW_TRACKING_URI=tracking_uri),
-                  f"http://127.0.0.1:{port}", "/ping", logs / "scoring.log")
-
-
-def start_page(scoring_url: str, db: Path, logs: Path, workers: int, threads: int) -> Server:
-    port = free_port()
-    command = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-k", "gthread", "--threads", str(threads),
-               "-b", f"127.0.0.1:{port}", "--chdir", str(ROOT), "web.app:app"]
-    env = server_env(SCORING_URL=f"{scoring_url}/invocations", ANIMAL_DB=str(db.resolve()))
-    return Server("page", command, env, f"http://127.0.0.1:{port}", "/", logs / "page.log")
+    conn = catalogue.connect(db, readonly=True)
+    try:
+        return catalogue.store_root(conn)
+    finally:
+        conn.close()
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -343,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logs = Path(tempfile.mkdtemp(prefix="animal-load-"))
-    servers: list[Server] = []
+    servers: list[Served] = []
     try:
         if args.scoring_url:
             scoring_url, db, scoring = args.scoring_url.removesuffix("/invocations"), args.db, None
@@ -358,10 +310,11 @@ def main(argv: list[str] | None = None) -> int:
                 db = db or own_db
             db = db or ROOT / "databases" / "animal.db"
             print(f"model {args.model_uri} of {tracking_uri}, catalogue {db}", flush=True)
-            scoring = start_scoring(tracking_uri, args.model_uri, logs)
+            scoring = start_scoring_server(args.model_uri, tracking_uri=tracking_uri, log=logs / "scoring.log")
             servers.append(scoring)
             scoring_url = scoring.url
-        page = start_page(scoring_url, Path(db), logs, args.page_workers, args.page_threads)
+        page = start_page_server(scoring_url, db=db, image_store=image_store(Path(db)), workers=args.page_workers,
+                                 threads=args.page_threads, log=logs / "page.log")
         servers.append(page)
         for server in servers:
             server.wait()
@@ -372,10 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         warm = run(workload, args.warmup, args.concurrency) if args.warmup else Results()
         if warm.error_count:
             print(f"warm-up: {warm.error_count} errors", *warm.examples, sep="\n  ")
-        before = {"page (gunicorn)": page.rss_mb(), "scoring server": scoring.rss_mb() if scoring else None}
+        before = {"page (gunicorn)": rss_mb(page), "scoring server": rss_mb(scoring) if scoring else None}
         results = run(workload, args.requests, args.concurrency)
-        memory = {"page (gunicorn)": (before["page (gunicorn)"], page.rss_mb()),
-                  "scoring server": (before["scoring server"], scoring.rss_mb()) if scoring else None}
+        memory = {"page (gunicorn)": (before["page (gunicorn)"], rss_mb(page)),
+                  "scoring server": (before["scoring server"], rss_mb(scoring)) if scoring else None}
     finally:
         for server in reversed(servers):
             server.stop()

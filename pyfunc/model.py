@@ -7,6 +7,7 @@ The contract is in docs/design.md ("The served model").
 from __future__ import annotations
 
 import json
+import os
 from importlib.metadata import version
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
-from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image
+from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image, request_problem
 from pyfunc.recommender import Recommender
 
 EMBEDDING_LAYER = "embedding"
@@ -27,6 +28,10 @@ DEFAULT_K = 5
 DEFAULT_THRESHOLD = 0.6
 MAX_K = 100
 BATCH = 256  # images per forward pass: bounds memory for large requests
+# One request must finish well within the scoring server's timeout (60 s): bigger ones are refused
+# up front (docs/reliability.md has the measured times); batch work goes to `score`.
+MAX_ROWS = 1000
+MAX_REQUEST_PIXELS = 400_000_000
 OUTPUT_COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error"]
 
 
@@ -89,6 +94,10 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
                 "the input needs a column named 'image' (base64-encoded image file bytes)",
                 error_code=INVALID_PARAMETER_VALUE,
             )
+        # Only under `mlflow models serve` (which sets this variable): batch scoring in Python has no timeout.
+        serving = os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").lower() == "true"
+        if serving and (problem := request_problem(model_input["image"], MAX_ROWS, MAX_REQUEST_PIXELS)):
+            raise MlflowException(problem, error_code=INVALID_PARAMETER_VALUE)
         rows: list[dict] = []
         arrays: list[np.ndarray] = []
         readable: list[int] = []

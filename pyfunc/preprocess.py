@@ -10,13 +10,20 @@ import binascii
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Far above any real photo (AFHQ is 512x512), far below what exhausts memory when decoded.
 MAX_PIXELS = 40_000_000
 FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"}
 # Transparent pixels are shown on white, as a browser shows them.
 BACKGROUND = (255, 255, 255)
+# The most memory decoding takes, per pixel of the image (measured: bench/decoding.py).
+BYTES_PER_PIXEL = 8
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# EXIF orientation -> the transposition that shows the image upright (as ImageOps.exif_transpose).
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
 
 
 class ImageError(ValueError):
@@ -42,15 +49,45 @@ def load_image(data: bytes, image_size: int, max_pixels: int = MAX_PIXELS) -> np
 
     EXIF orientation is applied, the first frame of an animation is used, any mode (L, LA, P,
     RGBA, CMYK, 16-bit) becomes RGB, and the centre square is resized. Raises ImageError.
+
+    Memory: the full-size image is decoded once, in its own mode, and every full-size step
+    replaces it (the old pixels are freed as the new ones are made); the square is cut and resized
+    before the colour conversion and the transparency, so the peak stays within BYTES_PER_PIXEL
+    bytes per pixel of the image (bench/decoding.py, docs/reliability.md).
     """
     image = open_image(data, max_pixels)
     try:
         image.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale, much faster
-        image = ImageOps.exif_transpose(image)
-        image = ImageOps.fit(_to_rgb(image), (image_size, image_size), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
+        transpose = ORIENTATIONS.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+        if transpose is not None:  # upright first, as training sees it (ImageOps.exif_transpose's order)
+            image = image.transpose(transpose)
+        image = _resizable(image)
+        small = ImageOps.fit(image, (image_size, image_size), Image.Resampling.BILINEAR)
+        divisor = _to_8_bits(image)
+        del image  # the full-size pixels, before the small ones are converted
+        return np.asarray(_to_rgb(small, divisor), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageError(f"could not decode image: {error}") from None
+
+
+def request_problem(values, max_rows: int, max_pixels: int) -> str | None:
+    """Why a request of these `image` cells is too big to answer within the scoring server's
+    timeout (too many rows, or more pixels in all than `max_pixels`, read from the headers), or
+    None. Unreadable cells are left for their own row's error."""
+    if len(values) > max_rows:
+        return (f"too many rows: {len(values):,} in one request (at most {max_rows:,}); "
+                "score large batches with `mlflow run . -e score`")
+    total = 0
+    for value in values:
+        try:
+            width, height = open_image(decode_payload(value)).size
+        except ImageError:
+            continue
+        total += width * height
+        if total > max_pixels:
+            return (f"too many pixels in one request (over {max_pixels:,} in all); send fewer or smaller "
+                    "images per request, or score them with `mlflow run . -e score`")
+    return None
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -72,12 +109,33 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit (or float) grey: scale to 8 bits instead of clipping everything above 255.
-        pixels = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if pixels.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), "L")
+def _resizable(image: Image.Image) -> Image.Image:
+    """The image in a mode Pillow resizes by interpolation (palette and bilevel images it would
+    only subsample): palette images become RGB(A), 4 bytes per pixel on top of their 1."""
+    transparent = image.mode == "PA" or "transparency" in image.info  # a palette entry or a colour key
+    if image.mode in ("P", "PA", "1", "L", "RGB") and transparent:
+        return image.convert("RGBA")  # before resizing: a colour key means nothing once pixels blend
+    if image.mode == "P":
+        return image.convert("RGB")
+    if image.mode == "1":
+        return image.convert("L")
+    return image
+
+
+def _to_8_bits(image: Image.Image) -> int | None:
+    """For 16-bit (or 32-bit) grey: the divisor that maps the image's range onto 0..255 (65535/255
+    when any value exceeds 255, else 1: it already is 8-bit data), from the full image's extrema."""
+    if image.mode not in WIDE_MODES:
+        return None
+    high = image.getextrema()[1]
+    return 257 if high > 255 else 1
+
+
+def _to_rgb(image: Image.Image, divisor: int | None) -> Image.Image:
+    if divisor is not None:
+        # Integer arithmetic on the small square: no float64 copy of a 16-bit image.
+        wide = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray(np.clip(wide // divisor, 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))

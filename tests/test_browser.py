@@ -34,7 +34,8 @@ def page_url(pipeline, scoring_server):
     """The Flask app on a real HTTP server in a background thread, against the real scoring server."""
     from werkzeug.serving import make_server
 
-    app = create_app({"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db)})
+    app = create_app({"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db),
+                      "IMAGE_STORE": str(pipeline.image_store)})
     server = make_server("127.0.0.1", free_port(), app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

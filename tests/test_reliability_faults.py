@@ -249,7 +249,8 @@ def raw_request(base: str, request: bytes, timeout: float = 30) -> tuple[int, by
 
 @pytest.fixture(scope="module")
 def page_url(pipeline):
-    with live_page({"ANIMAL_DB": str(pipeline.db), "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations"}) as url:
+    with live_page({"ANIMAL_DB": str(pipeline.db), "IMAGE_STORE": str(pipeline.image_store),
+                    "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations"}) as url:
         yield url
 
 
@@ -293,7 +294,7 @@ def test_page_never_creates_or_writes_the_catalogue(pipeline, tmp_path):
     assert client.get("/images/1").status_code == 503
     assert not missing.exists() and not missing.parent.exists()
     before = pipeline.db.read_bytes()
-    client = create_app({"ANIMAL_DB": str(pipeline.db)}).test_client()
+    client = create_app({"ANIMAL_DB": str(pipeline.db), "IMAGE_STORE": str(pipeline.image_store)}).test_client()
     assert all(client.get(f"/images/{i}").status_code == 200 for i in range(1, 6))
     assert pipeline.db.read_bytes() == before
 
@@ -308,7 +309,7 @@ def test_tampered_rows_and_symlinks_never_leave_the_store(tmp_path):
         for image_id, path in ((1, "../secret.txt"), (2, str(secret)), (3, "train/cat/link.jpg"),
                                (4, "train/../../secret.txt")):
             conn.execute("UPDATE images SET path = ? WHERE id = ?", (path, image_id))
-    client = create_app({"ANIMAL_DB": str(db)}).test_client()
+    client = create_app({"ANIMAL_DB": str(db), "IMAGE_STORE": str(image_store)}).test_client()
     for image_id in (1, 2, 3, 4):
         response = client.get(f"/images/{image_id}")
         assert response.status_code == 404 and b"root:" not in response.data
@@ -373,7 +374,8 @@ def test_reads_succeed_while_the_catalogue_is_written(pipeline, tmp_path):
                 if response.status_code != 200 or response.content != expected[image_id]:
                     failures.append(f"/images/{image_id}: HTTP {response.status_code}")
 
-    with live_page({"ANIMAL_DB": str(db), "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations"}) as url:
+    with live_page({"ANIMAL_DB": str(db), "IMAGE_STORE": str(pipeline.image_store),
+                    "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations"}) as url:
         threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(n,)) for n in range(8)]
         for thread in threads:
             thread.start()

@@ -324,7 +324,8 @@ def test_scoring_server_refuses_bad_requests_and_keeps_serving(scoring_server, b
 
 @pytest.fixture(scope="module")
 def client(pipeline, scoring_server):
-    return create_app({"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db)}).test_client()
+    return create_app({"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db),
+                       "IMAGE_STORE": str(pipeline.image_store)}).test_client()
 
 
 def upload(client, path: str, data: bytes, filename: str = "face.jpg"):

@@ -24,7 +24,8 @@ LABELS = {"cat", "dog", "wild"}
 
 @pytest.fixture(scope="module")
 def config(pipeline, scoring_server) -> dict:
-    return {"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db)}
+    return {"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db),
+            "IMAGE_STORE": str(pipeline.image_store)}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def client(config):
 def down_client(pipeline):
     """The page with nothing listening at SCORING_URL."""
     return create_app({"SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations",
-                       "ANIMAL_DB": str(pipeline.db)}).test_client()
+                       "ANIMAL_DB": str(pipeline.db), "IMAGE_STORE": str(pipeline.image_store)}).test_client()
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,7 @@ def test_catalogue_images_are_served_by_id(client, photo, pipeline):
     conn = catalogue.connect(pipeline.db, readonly=True)
     try:
         files = {item["id"]: catalogue.image_file(conn, item["id"]) for item in similar}
+        assert catalogue.store_root(conn) == pipeline.image_store.resolve()
     finally:
         conn.close()
     for image_id, file in files.items():
@@ -283,14 +285,18 @@ def test_uploads_never_touch_the_disk(down_client, monkeypatch):
     assert response.status_code == 503  # read, checked, sent on: the model is down in this client
 
 
-def test_healthz(client, down_client, scoring_server):
+def test_healthz_says_whether_things_work_not_where(client, down_client, config):
     up = client.get("/healthz")
-    assert up.status_code == 200 and up.json["ok"] is True
-    assert up.json["scoring_server"] == {"url": f"{scoring_server}/ping", "answers": True, "seen": "HTTP 200"}
-    assert up.json["catalogue"]["found"] is True
+    assert up.status_code == 200
+    assert up.json == {"ok": True, "scoring_server": {"answers": True}, "catalogue": {"readable": True}}
     down = down_client.get("/healthz")
-    assert down.status_code == 503 and down.json["ok"] is False
-    assert down.json["scoring_server"]["answers"] is False and down.json["scoring_server"]["seen"] == "ConnectionError"
+    assert down.status_code == 503
+    assert down.json == {"ok": False, "scoring_server": {"answers": False}, "catalogue": {"readable": True}}
+    missing = create_app({**config, "ANIMAL_DB": "/nonexistent/animal.db"}).test_client().get("/healthz")
+    assert missing.json["catalogue"] == {"readable": False}
+    for answer in (up, down, missing):  # no path, no address, no port
+        text = answer.get_data(as_text=True)
+        assert "/" not in text and "127.0.0.1" not in text and "animal.db" not in text, text
 
 
 def test_wrong_method_and_unknown_route(client):
@@ -316,7 +322,9 @@ def test_configuration_from_the_environment(monkeypatch):
     monkeypatch.setenv("ANIMAL_DB", "/srv/animal.db")
     monkeypatch.setenv("MAX_UPLOAD_MB", "3")
     monkeypatch.setenv("SCORING_TIMEOUT", "7")
+    monkeypatch.setenv("IMAGE_STORE", "/srv/images")
     app = create_app()
+    assert app.config["IMAGE_STORE"] == "/srv/images"
     assert app.config["SCORING_URL"] == "http://scoring.example:9000/invocations"
     assert app.config["ANIMAL_DB"] == "/srv/animal.db"
     assert app.config["MAX_CONTENT_LENGTH"] == 3 * 1024 * 1024

@@ -11,11 +11,14 @@ import base64
 import http.client
 import io
 import json
+import logging
 import math
 import socket
 import ssl
 import time
 from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 2.0  # a local scoring server accepts at once; longer means it is not there
 HEALTH_TIMEOUT = 5.0
@@ -64,9 +67,10 @@ class ScoringClient:
         except (ValueError, RecursionError):
             answer = None
         if not 200 <= status < 300:
+            # Its message stays in our log: MLflow's may quote the request or carry a stack trace.
             message = answer.get("message") if isinstance(answer, dict) else None
-            raise ScoringFailed(f"the scoring server refused the request (HTTP {status})"
-                                + (f": {message[:200]}" if isinstance(message, str) else ""))
+            log.warning("the scoring server refused a request (HTTP %d): %.300s", status, message)
+            raise ScoringFailed(f"the scoring server refused the request (HTTP {status})")
         rows = answer.get("predictions") if isinstance(answer, dict) else None
         if not isinstance(rows, list) or len(rows) != 1:
             raise ScoringFailed("the scoring server's answer is not one prediction row")
