@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from flask import Flask, Request, Response, abort, current_app, jsonify, render_template, request, send_file
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from databases import catalogue
 from pyfunc.preprocess import ImageError, open_image
@@ -163,8 +163,11 @@ def read_upload() -> tuple[bytes, str]:
     try:
         file = request.files.get("image")
         data = file.read() if file is not None else None
-    except TimeoutError:  # the client stopped sending (UPLOAD_IDLE_TIMEOUT, under gunicorn)
-        abort(408, description="The upload stalled: the file did not arrive in time.")
+    except ClientDisconnected as error:
+        # werkzeug reports a read that timed out (UPLOAD_IDLE_TIMEOUT, under gunicorn) as a disconnect.
+        if isinstance(error.__context__, TimeoutError):
+            abort(408, description="The upload stalled: the file did not arrive in time.")
+        raise
     if data is None:
         abort(400, description="No file was sent: choose an image and upload it (form field 'image').")
     try:

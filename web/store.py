@@ -68,13 +68,16 @@ class LocalStore:
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as error:
             raise NotInStore(f"the file cannot be opened ({type(error).__name__})") from None
-        with os.fdopen(fd, "rb") as file:
-            info = os.fstat(file.fileno())
+        try:
+            info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise NotInStore("the path is not a regular file")
             if info.st_size > MAX_FILE_BYTES:
                 raise NotInStore(f"the file is larger than {MAX_FILE_BYTES // 2**20} MB")
-            return file.read(MAX_FILE_BYTES + 1)
+            with os.fdopen(fd, "rb", closefd=False) as file:
+                return file.read(MAX_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
 
 
 def open_store(location: str | Path) -> ImageStore:
