@@ -24,6 +24,9 @@ keepalive = 5  # seconds an idle keep-alive connection is kept, then closed
 limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
+# No runtime control socket (~/.gunicorn/gunicorn.ctl, shared by every gunicorn of the user): the
+# page is managed by signals, as `make serve` and the tests do.
+control_socket_disable = True
 
 
 def on_starting(server) -> None:

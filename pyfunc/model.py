@@ -31,7 +31,7 @@ BATCH = 256  # images per forward pass: bounds memory for large requests
 # One request must finish well within the scoring server's timeout (60 s): bigger ones are refused
 # up front (docs/reliability.md has the measured times); batch work goes to `score`.
 MAX_ROWS = 1000
-MAX_REQUEST_PIXELS = 400_000_000
+MAX_REQUEST_PIXELS = 200_000_000
 OUTPUT_COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error"]
 
 

@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from mlflow.exceptions import MlflowException
 from PIL import Image, ImageFile
 
 from databases import catalogue
-from pyfunc.model import BATCH
+from pyfunc.model import BATCH, MAX_REQUEST_PIXELS, MAX_ROWS
 from pyfunc.preprocess import MAX_PIXELS, ImageError, load_image
 from web.app import create_app
 
@@ -244,6 +245,23 @@ def test_model_answers_a_batch_of_1000_rows_in_bounded_batches(model, forward_ca
     assert max(sizes) <= BATCH and sum(sizes) == 1000 - len(bad)
 
 
+def test_served_model_refuses_requests_too_big_for_its_timeout_up_front(model, forward_calls, monkeypatch, photo):
+    """Under `mlflow models serve` (which sets this variable) a request over MAX_ROWS rows or
+    MAX_REQUEST_PIXELS pixels in all is refused before a pixel is decoded; in Python (batch
+    scoring) the same frame is answered."""
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    with pytest.raises(MlflowException, match=f"too many rows: {MAX_ROWS + 1:,} .*at most {MAX_ROWS:,}.*-e score"):
+        model.predict(pd.DataFrame({"image": [photo] * (MAX_ROWS + 1)}))
+    side = 6000  # 36 MP each: under MAX_PIXELS, so only their sum is too much
+    count = MAX_REQUEST_PIXELS // side**2 + 1
+    with pytest.raises(MlflowException, match="too many pixels in one request"):
+        model.predict(pd.DataFrame({"image": [header_only_png(side, side)] * count}))
+    assert not forward_calls
+    assert len(model.predict(pd.DataFrame({"image": [header_only_png(side, side)] * (count - 1)}))) == count - 1
+    monkeypatch.delenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT")
+    assert len(model.predict(pd.DataFrame({"image": [photo] * (MAX_ROWS + 1)}))) == MAX_ROWS + 1
+
+
 # --- the real scoring server, over HTTP ---------------------------------------------------------
 
 def invoke(server: str, body, timeout: float = 60) -> requests.Response:
@@ -300,6 +318,14 @@ def test_scoring_server_answers_1000_rows(scoring_server, pipeline):
     assert len(rows) == 1000 and time.monotonic() - started < 120
     assert sum(row["error"] is not None for row in rows) == 1 and "not an image" in rows[500]["error"]
     assert all(len(row["similar"]) <= 1 for row in rows)
+    assert_still_serving(scoring_server)
+
+
+def test_scoring_server_refuses_too_many_rows_at_once_and_keeps_serving(scoring_server):
+    """The probe's 50,000 one-pixel rows: refused at once (400), not a 504 after the server's timeout."""
+    pixel = b64(encode(Image.new("RGB", (1, 1)), "PNG"))
+    response = invoke(scoring_server, split_body([pixel] * 50_000), timeout=120)
+    assert response.status_code == 400 and "too many rows" in response.json()["message"]
     assert_still_serving(scoring_server)
 
 

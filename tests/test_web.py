@@ -345,3 +345,14 @@ def test_module_level_app_uses_the_defaults():
     assert app.config["SCORING_URL"].endswith("/invocations")
     assert {rule.rule for rule in app.url_map.iter_rules()} >= {
         "/", "/predict", "/api/predict", "/images/<int:image_id>", "/healthz"}
+
+
+def test_a_scoring_server_that_cannot_start_is_one_line_naming_the_model(tmp_path):
+    from web.serve import ServerError, scoring_server
+
+    uri = "models:/no-such-model/1"
+    store = f"sqlite:///{tmp_path / 'empty.db'}"
+    with pytest.raises(ServerError) as failure, scoring_server(uri, wait=120, tracking_uri=store, log=tmp_path / "log"):
+        pass
+    message = str(failure.value)
+    assert "\n" not in message and uri in message and "exited with code" in message, message
