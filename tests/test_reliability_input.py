@@ -329,6 +329,19 @@ def test_scoring_server_refuses_too_many_rows_at_once_and_keeps_serving(scoring_
     assert_still_serving(scoring_server)
 
 
+def test_mlflows_own_error_answers_are_as_documented(scoring_server):
+    """What `mlflow models serve` cannot be configured not to do (docs/reliability.md): a CSV body
+    it cannot parse gets a `stack_trace` with its installation paths, a JSON body nested 100,000
+    deep a bare 500. If MLflow changes this, the docs change with it. The page never forwards a
+    body (test_reliability_probe.py)."""
+    csv = requests.post(f"{scoring_server}/invocations", data=b'image\n"unterminated,\x00\n1,2,3\n',
+                        headers={"Content-Type": "text/csv"}, timeout=60)
+    assert csv.status_code == 400 and "stack_trace" in csv.json()
+    deep = invoke(scoring_server, b"[" * 100_000 + b"]" * 100_000)
+    assert deep.status_code == 500
+    assert_still_serving(scoring_server)
+
+
 @pytest.mark.parametrize("body, status", [
     (b"this is not json", 400),
     ({"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, 400),  # wrong column name

@@ -49,7 +49,7 @@ class ScoringClient:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"SCORING_URL must be an http:// or https:// URL, not {url!r}")
         self.url, self.timeout = url, timeout
-        self._host, self._netloc = parts.hostname, parts.netloc
+        self._host, self._netloc = parts.hostname, parts.netloc.rsplit("@", 1)[-1]  # no credentials in Host
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._tls = ssl.create_default_context() if parts.scheme == "https" else None
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
