@@ -2,7 +2,7 @@
 
 Threaded workers, so that a slow client holds one thread, not a whole worker: with the defaults
 below, 2 x 8 = 16 requests are served at once, and a client that trickles its request still leaves
-the others answered (tests/test_reliability_slow_clients.py). gunicorn has no deadline for reading
+the others answered (tests/test_reliability_probe.py::test_slow_clients_do_not_stop_the_page). gunicorn has no deadline for reading
 request headers, so on the internet put a buffering reverse proxy in front (nginx, docs/serving.md),
 which reads each request whole before it reaches a thread here.
 """
