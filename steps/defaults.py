@@ -55,3 +55,9 @@ TUNING_DIR = Path("outputs/tuning")
 MODEL_NAME = "animal"
 ALIAS = "production"
 STAGE = "Production"
+
+# score (batch scoring of a photo collection)
+SCORE_MODEL_URI = f"models:/{MODEL_NAME}@{ALIAS}"
+SCORE_ENGINE = "local"  # or "spark"
+SPARK_MASTER = "local[*]"  # the spark engine's default: every core of this machine
+SCORE_BATCH_SIZE = 256  # images per model call: bounds memory, and what a kill can lose
