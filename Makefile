@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install install-test browser run serve load lint test clean
+.PHONY: install install-test browser java run serve load lint test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,11 +13,14 @@ $(BIN)/python:
 install: $(BIN)/python  ## the runtime dependencies (pinned in requirements.txt)
 	$(BIN)/pip install --quiet -r requirements.txt
 
-install-test: install browser  ## plus what only the tests need
+install-test: install browser java  ## plus what only the tests need
 	$(BIN)/pip install --quiet -r requirements-test.txt
 
 browser:  ## Debian's chromium for the real-browser test
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+java:  ## Debian's Java 17 for Spark (score -P engine=spark and its test; pyspark is in requirements-test.txt)
+	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; }
 
 run: install  ## the whole pipeline on the synthetic default
 	mlflow run . --env-manager local --experiment-name animal-faces

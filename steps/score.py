@@ -14,6 +14,7 @@ content are scored once. docs/scoring.md has the columns and the Spark engine.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -467,13 +468,27 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 # The Spark engine: the same rows through mlflow.pyfunc.spark_udf
 
 
+def _check_spark() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pyspark") is None:
+        raise InputError("the spark engine needs pyspark: `make install-test` installs it (requirements-test.txt)")
+    home = os.environ.get("JAVA_HOME")
+    if not shutil.which("java") and not (home and Path(home, "bin", "java").is_file()):
+        raise InputError("the spark engine needs Java: `make java` installs Debian's openjdk-17-jre-headless")
+
+
 def spark_session(master: str):
     """A SparkSession on `master`; under spark-submit, the master spark-submit was given."""
     from pyspark.sql import SparkSession
 
-    builder = SparkSession.builder.appName("animal-faces score")
+    # Our own progress line reports the job; Spark's console bar would write over it.
+    builder = SparkSession.builder.appName("animal-faces score").config("spark.ui.showConsoleProgress", "false")
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit: we choose the master
         builder = builder.master(master)
+    if master.startswith("local"):
+        # Spark's Python workers would start the first `python3` on PATH, not this environment's.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return builder.getOrCreate()
 
 
@@ -483,6 +498,10 @@ def score_spark(spark, model_uri: str, entries: list[Entry], columns: Columns, b
     scored once; nested outputs are flattened to the local engine's columns."""
     import mlflow.pyfunc
     from pyspark.sql import functions as F
+
+    # By reference to the importable module (shipped to the executors below), also when this file
+    # runs as __main__ (python -m, spark-submit): Spark would otherwise pickle them with their globals.
+    from steps.score import _hash_frames, _read_frames
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
     _ship_code(spark)
@@ -495,16 +514,17 @@ def score_spark(spark, model_uri: str, entries: list[Entry], columns: Columns, b
                                              "read_error string").cache()
     unique = hashed.where(F.col("sha256").isNotNull()).dropDuplicates(["sha256"])
     images = unique.mapInPandas(_read_frames, "sha256 string, image binary")
-    udf = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local")
+    udf = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local", result_type=_result_type(columns))
     scored = images.select("sha256", udf("image").alias("r")).select("sha256", *_flatten(columns, F.col("r")))
+    model_columns = [name for name in columns.answer_columns if name not in columns.probability_columns]
     rows = hashed.join(scored, "sha256", "left").select(
-        "path", "sha256", *[F.coalesce("read_error", "error").alias("error") if name == "error"
-                            else F.coalesce("similar_ids", F.array().cast("array<bigint>")).alias(name)
-                            if name == "similar_ids" else F.col(name) for name in columns.answer_columns])
+        "path", "sha256", "probabilities", *[F.coalesce("read_error", "error").alias("error") if name == "error"
+                                             else F.coalesce("similar_ids", F.array().cast("array<bigint>")).alias(name)
+                                             if name == "similar_ids" else F.col(name) for name in model_columns])
     try:
         batch: list[dict] = []
         for row in rows.toLocalIterator(prefetchPartitions=True):
-            batch.append(row.asDict())
+            batch.append(_spark_row(row.asDict(), columns))
             if len(batch) == batch_size:
                 yield batch
                 batch = []
@@ -514,15 +534,40 @@ def score_spark(spark, model_uri: str, entries: list[Entry], columns: Columns, b
         hashed.unpersist()
 
 
+def _result_type(columns: Columns) -> str:
+    """What spark_udf returns, as a Spark struct. MLflow 3.17's conversion cannot take a null where
+    a struct is declared (the `probabilities` of an image that failed), so `probabilities` comes back
+    as text (the dict's repr), flattened by _spark_row; of `similar`, only the ids."""
+    optional = {"unfamiliar": "boolean", "familiarity": "double"}
+    return ", ".join(["label string", "confidence double", "probabilities string", "uncertain boolean",
+                      *[f"{name} {optional[name]}" for name in columns.optional],
+                      "similar array<struct<id: bigint>>", "error string"])
+
+
 def _flatten(columns: Columns, result) -> list:
+    """The udf's struct as the local engine's columns. MLflow's conversion also turns a null string
+    into 'None' and a null boolean into false once a batch has any value: a row is a failure when its
+    error is a message, and then every answer column is null, as in the local engine."""
     from pyspark.sql import functions as F
 
-    flat = [result["label"].alias("label"), result["confidence"].alias("confidence")]
-    flat += [result["probabilities"][label].alias(f"p_{label}") for label in columns.labels]
-    flat += [result["uncertain"].alias("uncertain")] + [result[name].alias(name) for name in columns.optional]
-    flat.append(F.transform(result["similar"], lambda item: item["id"]).alias("similar_ids"))
-    flat.append(result["error"].alias("error"))
+    failed = result["error"].isNotNull() & (result["error"] != "None")
+
+    def answered(name: str):
+        return F.when(~failed, result[name]).alias(name)
+
+    flat = [answered(name) for name in ("label", "confidence", "probabilities", "uncertain", *columns.optional)]
+    flat.append(F.when(failed, F.array().cast("array<bigint>"))
+                .otherwise(F.transform(result["similar"], lambda item: item["id"])).alias("similar_ids"))
+    flat.append(F.when(failed, result["error"]).alias("error"))
     return flat
+
+
+def _spark_row(row: dict, columns: Columns) -> dict:
+    text = row.pop("probabilities")
+    probabilities = ast.literal_eval(text) if text else {}
+    row.update({f"p_{label}": _number(probabilities.get(label)) for label in columns.labels})
+    row["confidence"] = _number(row["confidence"])
+    return {name: row[name] for name in columns.names}
 
 
 def _hash_frames(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -699,6 +744,8 @@ def score(source: Path, output: Path, model_uri: str = defaults.SCORE_MODEL_URI,
         raise InputError(f"engine must be one of {', '.join(ENGINES)}: {engine}")
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1: {batch_size}")
+    if engine == "spark":
+        _check_spark()
     inputs = list_inputs(source)
     try:
         info = mlflow.models.get_model_info(model_uri)

@@ -1,0 +1,77 @@
+"""The Spark engine of batch scoring gives the local engine's rows (Spark in local[2]).
+
+Needs Java: `make install-test` installs Debian's openjdk-17-jre-headless, and pyspark from
+requirements-test.txt, so in CI this runs; it skips (saying why) only where Java cannot be found."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from steps import score as scoring
+from steps.defaults import SCORE_MODEL_URI
+from tests.test_score import BAD, check_rows, collection, model  # noqa: F401 (fixtures)
+
+
+def java() -> str | None:
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").is_file():
+        return str(Path(home) / "bin" / "java")
+    return shutil.which("java")
+
+
+pytestmark = [
+    pytest.mark.skipif(java() is None, reason="Java not found (Spark needs it): `make install-test` installs "
+                                              "Debian's openjdk-17-jre-headless"),
+]
+
+
+@pytest.fixture(scope="module")
+def spark():
+    pytest.importorskip("pyspark", reason="pyspark is not installed: `make install-test` installs it")
+    session = scoring.spark_session("local[2]")
+    yield session
+    session.stop()
+
+
+def test_spark_gives_the_local_engines_rows(collection, model, spark, tmp_path):  # noqa: F811
+    folder, good = collection
+    local = scoring.score(folder, tmp_path / "local.parquet", SCORE_MODEL_URI, batch_size=4, interactive=False)
+    on_spark = scoring.score(folder, tmp_path / "spark.parquet", SCORE_MODEL_URI, engine="spark",
+                             spark_master="local[2]", batch_size=4, interactive=False)
+
+    table = pq.read_table(tmp_path / "spark.parquet").to_pandas()
+    check_rows(table, good, model)
+    expected = pq.read_table(tmp_path / "local.parquet").to_pandas()
+    assert list(table.columns) == list(expected.columns)
+    assert table.path.tolist() == expected.path.tolist()
+    for name in table.columns:
+        if pd.api.types.is_float_dtype(expected[name]):
+            pd.testing.assert_series_equal(table[name], expected[name], atol=1e-6, rtol=0)
+        else:
+            assert [_plain(v) for v in table[name]] == [_plain(v) for v in expected[name]], name
+    assert on_spark.summary.labels == local.summary.labels
+    assert on_spark.summary.errors == local.summary.errors == len(BAD)
+    assert on_spark.summary.error_kinds == local.summary.error_kinds
+
+
+def test_spark_reads_a_zip(collection, model, spark, tmp_path):  # noqa: F811
+    import zipfile
+
+    folder, good = collection
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for relative, data in good.items():
+            bundle.writestr(relative, data)
+    result = scoring.score(archive, tmp_path / "zip.csv", SCORE_MODEL_URI, engine="spark",
+                           spark_master="local[2]", interactive=False)
+    check_rows(scoring._from_csv(tmp_path / "zip.csv"), good, model, {})
+    assert result.summary.duplicates == 1
+
+
+def _plain(value):
+    return list(value) if hasattr(value, "__len__") and not isinstance(value, str) else value
