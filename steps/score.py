@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from steps import defaults
+from steps.tracking import start_run
 
 # What the pyfunc decodes (pyfunc/preprocess.py FORMATS); other files in a folder or .zip are
 # ignored and counted, so that sidecar files (.xmp, .txt, Thumbs.db) do not fill the table.
@@ -486,9 +487,9 @@ def spark_session(master: str):
     builder = SparkSession.builder.appName("animal-faces score").config("spark.ui.showConsoleProgress", "false")
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit: we choose the master
         builder = builder.master(master)
-    if master.startswith("local"):
-        # Spark's Python workers would start the first `python3` on PATH, not this environment's.
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        if master.startswith("local"):
+            # Spark's Python workers would start the first `python3` on PATH, not this environment's.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return builder.getOrCreate()
 
 
@@ -503,16 +504,19 @@ def score_spark(spark, model_uri: str, entries: list[Entry], columns: Columns, b
     # runs as __main__ (python -m, spark-submit): Spark would otherwise pickle them with their globals.
     from steps.score import _hash_frames, _read_frames
 
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
-    _ship_code(spark)
     slices = max(spark.sparkContext.defaultParallelism, -(-len(entries) // batch_size))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
+    spark.conf.set("spark.sql.shuffle.partitions", str(slices))
+    _ship_code(spark)
     files = spark.createDataFrame(
         pd.DataFrame({"path": [e.path for e in entries], "file": [e.file for e in entries],
                       "member": [e.member for e in entries]}),
         "path string, file string, member string").repartition(slices)
     hashed = files.mapInPandas(_hash_frames, "path string, file string, member string, sha256 string, "
                                              "read_error string").cache()
-    unique = hashed.where(F.col("sha256").isNotNull()).dropDuplicates(["sha256"])
+    # As many slices as cores or batches after each shuffle: Spark's default (200, or fewer by
+    # adaptive execution, down to one task for this little data) would leave cores idle.
+    unique = hashed.where(F.col("sha256").isNotNull()).dropDuplicates(["sha256"]).repartition(slices)
     images = unique.mapInPandas(_read_frames, "sha256 string, image binary")
     udf = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local", result_type=_result_type(columns))
     scored = images.select("sha256", udf("image").alias("r")).select("sha256", *_flatten(columns, F.col("r")))
@@ -758,18 +762,22 @@ def score(source: Path, output: Path, model_uri: str = defaults.SCORE_MODEL_URI,
     previous = store.previous()
     done = set(previous.path)
     todo = [entry for entry in inputs.entries if entry.path not in done]
-    started = time.monotonic()
+    seconds = 0.0
     if todo:
         print(f"score: {len(todo):,} files to score ({len(done):,} already scored) with {model_uri} "
               f"on the {engine} engine", flush=True)
+        batches = _engine(engine, model_uri, todo, columns, batch_size, spark_master, previous)
+        # The clock starts once the model is loaded (local) or the session is up (Spark): it measures
+        # scoring, which is what grows with the collection.
+        started = time.monotonic()
         progress = Progress(len(todo), interactive)
         try:
-            for rows in _engine(engine, model_uri, todo, columns, batch_size, spark_master, previous):
+            for rows in batches:
                 store.write_part(rows)
                 progress.update(len(rows))
         finally:
             progress.close()
-    seconds = time.monotonic() - started
+        seconds = time.monotonic() - started
     if todo or store.has_parts() or not output.exists():
         table = store.finish([entry.path for entry in inputs.entries])
     else:
@@ -781,19 +789,18 @@ def score(source: Path, output: Path, model_uri: str = defaults.SCORE_MODEL_URI,
 
 def _engine(engine: str, model_uri: str, todo: list[Entry], columns: Columns, batch_size: int, spark_master: str,
             previous: pd.DataFrame) -> Iterator[list[dict]]:
+    """The engine's batches of rows, with its start-up (Spark session, model) done before returning."""
     import mlflow
 
     if engine == "spark":
-        spark = spark_session(spark_master)
-        yield from score_spark(spark, model_uri, todo, columns, batch_size)
-        return
+        return score_spark(spark_session(spark_master), model_uri, todo, columns, batch_size)
     model = mlflow.pyfunc.load_model(model_uri)
     answered = previous[previous.sha256.notna() & previous.error.isna()]
     known = {row["sha256"]: {name: row[name] for name in columns.answer_columns}
              for row in answered.to_dict("records")}
     for answer in known.values():
         answer["similar_ids"] = [int(i) for i in answer["similar_ids"]]
-    yield from score_local(model, todo, columns, batch_size, known)
+    return score_local(model, todo, columns, batch_size, known)
 
 
 def log_run(args: argparse.Namespace, result: Result, output: Path) -> None:
@@ -802,12 +809,8 @@ def log_run(args: argparse.Namespace, result: Result, output: Path) -> None:
 
     import mlflow
 
-    if "MLFLOW_RUN_ID" not in os.environ and not os.environ.get("MLFLOW_EXPERIMENT_ID") \
-            and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
-        mlflow.set_experiment(defaults.EXPERIMENT)
     summary = result.summary
-    with mlflow.start_run(run_name="score") as run:
-        mlflow.set_tag("mlflow.runName", "score")
+    with start_run("score") as run:
         # `mlflow run` has logged its own -P values already; MLflow refuses to log one twice.
         params = {**{k: str(v) for k, v in vars(args).items()}, "model_id": result.model_id}
         mlflow.log_params({k: v for k, v in params.items() if k not in run.data.params})
