@@ -41,7 +41,7 @@ clean:  ## generated data, catalogue, runs (not the venv)
 	rm -rf data databases/*.db databases/*.db-* mlflow.db mlruns mlartifacts outputs
 
 # Benchmarks: each runs ours and the naive way side by side and prints a table (README, "Performance").
-BENCHES := serving training recommender accuracy
+BENCHES := serving training recommender accuracy batch_scoring
 .PHONY: bench $(addprefix bench-,$(BENCHES))
 bench: $(addprefix bench-,$(BENCHES))  ## every benchmark, one after the other
 $(addprefix bench-,$(BENCHES)): bench-%: install  ## one benchmark, e.g. make bench-serving

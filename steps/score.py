@@ -661,7 +661,8 @@ class Summary:
         lines = [f"score: {self.files:,} files -> {output} ({self.scored_now:,} scored now in {self.seconds:.1f} s, "
                  f"{self.images_per_s:,.0f} images/s)", "  " + " · ".join(counts)]
         if self.duplicates:
-            lines.append(f"  {self.duplicates:,} files repeat another file's content (scored once)")
+            repeat = "file repeats" if self.duplicates == 1 else "files repeat"
+            lines.append(f"  {self.duplicates:,} {repeat} another file's content (scored once)")
         if self.error_kinds:
             lines.append("  errors: " + ", ".join(f"{kind} {n:,}" for kind, n in self.error_kinds.items()))
         if self.ignored:
