@@ -1,8 +1,8 @@
 """The served model `animal`: preprocessing + Keras CNN + recommender, as one MLflow pyfunc.
 
 Input: a DataFrame with a column `image` (base64 text or raw bytes of an image file).
-Output: one row per image with label, confidence, probabilities, uncertain, similar and error.
-The contract is in docs/design.md ("The served model").
+Output: one row per image with label, confidence, probabilities, uncertain, similar, error,
+unfamiliar and familiarity. The contract is in docs/design.md ("The served model").
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
+from pyfunc.familiarity import Familiarity, pooled
 from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image, request_problem
 from pyfunc.recommender import Recommender
 
@@ -32,7 +33,7 @@ BATCH = 256  # images per forward pass: bounds memory for large requests
 # up front (docs/reliability.md has the measured times); batch work goes to `score`.
 MAX_ROWS = 1000
 MAX_REQUEST_PIXELS = 200_000_000
-OUTPUT_COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error"]
+OUTPUT_COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error", "unfamiliar", "familiarity"]
 
 
 
@@ -49,23 +50,25 @@ def signature(labels: list[str]) -> ModelSignature:
             ColSpec("boolean", "uncertain", required=False),
             ColSpec(similar, "similar"),
             ColSpec("string", "error", required=False),
+            ColSpec("boolean", "unfamiliar", required=False),
+            ColSpec("double", "familiarity", required=False),
         ]),
         params=ParamSchema([ParamSpec("k", "long", DEFAULT_K), ParamSpec("threshold", "double", DEFAULT_THRESHOLD)]),
     )
 
 
-def with_embedding(classifier):
-    """The classifier as a model with two outputs, probabilities and embedding: one forward pass
-    answers both "which animal" and "which images are similar"."""
+def with_embedding(classifier, taps: list[str] | tuple[str, ...] = ()):
+    """The classifier as a model with outputs probabilities, embedding and the `taps` layers'
+    activations (averaged over space): one forward pass answers "which animal", "which images are
+    similar" and "how familiar is this image"."""
     import keras
 
-    inputs = keras.Input(shape=classifier.input_shape[1:])
-    outputs, embedding = inputs, None
-    for layer in classifier.layers:
-        outputs = layer(outputs)
-        if layer.name == EMBEDDING_LAYER:
-            embedding = outputs
-    return keras.Model(inputs, [outputs, embedding])
+    def spatial_mean(tensor):
+        return keras.ops.mean(tensor, axis=(1, 2)) if len(tensor.shape) == 4 else tensor
+
+    outputs = [classifier.get_layer(EMBEDDING_LAYER).output,
+               *(spatial_mean(classifier.get_layer(name).output) for name in taps)]
+    return keras.Model(classifier.inputs, [classifier.outputs[0], *outputs])
 
 
 class AnimalModel(mlflow.pyfunc.PythonModel):
@@ -78,7 +81,8 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
         self.image_size: int = config["image_size"]
         self.max_pixels: int = config.get("max_pixels", MAX_PIXELS)
         classifier = keras.models.load_model(context.artifacts["keras_model"], compile=False)
-        self.network = with_embedding(classifier)
+        self.familiarity = Familiarity.load(context.artifacts["familiarity"])
+        self.network = with_embedding(classifier, config["familiarity"]["layers"])
         # One traced graph for every batch size: an eager Keras call pays Python dispatch for each
         # layer, several times the cost of the arithmetic for one small image (bench/serving.py).
         self._forward = tf.function(
@@ -110,12 +114,14 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
                 rows.append(_error_row(str(error)))
         for start in range(0, len(arrays), BATCH):
             batch = np.stack(arrays[start : start + BATCH])
-            probabilities, embeddings = (np.asarray(t) for t in self._forward(batch))
-            for index, p, e in zip(readable[start : start + BATCH], probabilities, embeddings):
-                rows[index] = self._answer(p, e, k, threshold)
+            probabilities, embeddings, *taps = (np.asarray(t) for t in self._forward(batch))
+            familiarity = self.familiarity.scores(pooled(taps))
+            for index, p, e, f in zip(readable[start : start + BATCH], probabilities, embeddings, familiarity):
+                rows[index] = self._answer(p, e, f, k, threshold)
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
 
-    def _answer(self, probabilities: np.ndarray, embedding: np.ndarray, k: int, threshold: float) -> dict:
+    def _answer(self, probabilities: np.ndarray, embedding: np.ndarray, familiarity: float, k: int,
+                threshold: float) -> dict:
         best = int(np.argmax(probabilities))
         label, confidence = self.labels[best], float(probabilities[best])
         return {
@@ -125,12 +131,14 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
             "uncertain": confidence < threshold,
             "similar": self.recommender.similar(embedding, label, k),
             "error": None,
+            "unfamiliar": bool(self.familiarity.unfamiliar(familiarity)),
+            "familiarity": round(float(familiarity), 6),
         }
 
 
 def _error_row(message: str) -> dict:
     return {"label": None, "confidence": None, "probabilities": None, "uncertain": None,
-            "similar": [], "error": message}
+            "similar": [], "error": message, "unfamiliar": None, "familiarity": None}
 
 
 def _read_params(params: dict) -> tuple[int, float]:
@@ -159,20 +167,32 @@ def log_animal_model(
     gallery_db: Path,
     example_image: bytes,
     workdir: Path,
+    familiarity: Familiarity,
+    familiarity_layers: list[str],
     name: str = "model",
 ):
-    """Log the pyfunc `animal` model in the active run; returns MLflow's ModelInfo."""
+    """Log the pyfunc `animal` model in the active run; returns MLflow's ModelInfo.
+
+    `familiarity` was fitted on the pooled activations of `familiarity_layers` (with_embedding's taps)."""
     import base64
 
     workdir.mkdir(parents=True, exist_ok=True)
     keras_path = workdir / "classifier.keras"
     classifier.save(keras_path)
     config_path = workdir / "config.json"
-    config_path.write_text(json.dumps({"labels": list(labels), "image_size": image_size, "max_pixels": MAX_PIXELS}))
+    familiarity_path = workdir / "familiarity.npz"
+    familiarity.save(familiarity_path)
+    config_path.write_text(json.dumps({
+        "labels": list(labels), "image_size": image_size, "max_pixels": MAX_PIXELS,
+        # The statistics are in familiarity.npz; these are for people reading the model's files.
+        "familiarity": {"layers": list(familiarity_layers), "threshold": familiarity.threshold,
+                        "flag_share": familiarity.flag_share},
+    }, indent=2))
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=AnimalModel(),
-        artifacts={"keras_model": str(keras_path), "config": str(config_path), "recommender": str(gallery_db)},
+        artifacts={"keras_model": str(keras_path), "config": str(config_path), "recommender": str(gallery_db),
+                   "familiarity": str(familiarity_path)},
         code_paths=[str(Path(__file__).parent)],
         pip_requirements=pip_requirements(),
         signature=signature(labels),

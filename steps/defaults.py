@@ -42,6 +42,13 @@ class Hyperparameters:
     learning_rate: float = 2e-3  # the peak of the warm-up + cosine schedule
     augment: float = 0.05  # strength of rotation, zoom, translation and contrast
     batch_size: int = 32
+    # The network: `cnn` (the one above, trained from scratch) or a keras.applications backbone,
+    # mobilenet_v3_small or efficientnet_b0 (steps/backbones.py), whose conv_blocks and filters
+    # it replaces. For those only: `weights` (imagenet, a weights file, or none) and the epochs of
+    # fine-tuning the whole network after its head was trained on the frozen backbone.
+    backbone: str = "cnn"
+    weights: str = "imagenet"
+    fine_tune_epochs: int = 0
 
 
 # tune

@@ -9,13 +9,14 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 
 from steps import defaults
+from steps.backbones import IMAGENET, NO_WEIGHTS
 from steps.defaults import ALIAS, MODEL_NAME
 from steps.register import register
 from steps.tracking import start_run
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     image_store, metadata = (args.data_dir / "images").resolve(), (args.data_dir / "metadata.csv").resolve()
     db = args.db.resolve()
     hp = hyperparameters_from(args)
+    if hp.weights not in (IMAGENET, NO_WEIGHTS):  # a weights file: train runs in the project folder
+        hp = replace(hp, weights=str(Path(hp.weights).resolve()))
 
     with start_run("main") as parent:
         run_step("extract", {"source": args.source, "image_store": image_store, "metadata": metadata,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from steps import defaults
 from steps.register import promote
+from steps.tracking import start_run
 
 
 def truthy(text: str) -> bool:
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = promote(args.version, args.db, args.force, args.name)
+        with start_run("promote"):  # the evaluations nest in it
+            result = promote(args.version, args.db, args.force, args.name)
     except (LookupError, FileNotFoundError, ValueError) as error:
         print(f"promote: error: {error}", file=sys.stderr)
         return 2

@@ -1,8 +1,11 @@
 """register: a logged model -> registered model `animal`, promoted through the gate.
 
 The gate scores the new version and the current Production version on the catalogue's current
-validation split. The new one becomes Production (stage, archiving the old) and gets the alias
-`production` only if it is at least as good; otherwise it stays registered and we say why.
+validation split, each with `mlflow.models.evaluate` (classifier: per-class precision and recall,
+confusion matrix; our ROC and calibration plots beside them) in a run of its own. The new one
+becomes Production (stage, archiving the old) and gets the alias `production` only if it is at least
+as good: MLflow's validation with the Production accuracy as the threshold. Otherwise it stays
+registered and we say why. Every version gets its model card (steps/model_card.py).
 `promote` (steps/promote.py) passes an existing version through the same gate, or forces it: a rollback.
 Every promotion is recorded in tags on the versions involved and in the model's `production_history`.
 """
@@ -19,12 +22,16 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import MetricThreshold
+from mlflow.models.evaluation.validation import ModelValidationFailedException
 
 from databases import catalogue
-from steps import defaults
+from steps import defaults, model_card
 from steps.defaults import ALIAS, MODEL_NAME, STAGE
+from steps.tracking import start_run
 
 HISTORY_TAG = "production_history"  # on the registered model: one line per promotion, newest last
 HISTORY_LINES = 40
@@ -45,10 +52,21 @@ class Promotion:
     reason: str
 
 
-def evaluate(model_uri: str, db_path: Path, batch: int = 256) -> float:
-    """Accuracy of a served-model URI on the catalogue's validation split, through the pyfunc itself."""
-    import pandas as pd
+@dataclass(frozen=True)
+class Evaluation:
+    """A model on the validation split, as `mlflow.models.evaluate` measured it."""
 
+    accuracy: float
+    per_class: dict[str, dict[str, float]]  # label -> precision, recall
+    confusion: dict  # {"labels": [...], "rows": [[count, ...], ...]}, rows: true class
+    images: int
+    result: mlflow.models.EvaluationResult
+    run_id: str
+
+
+def evaluate(model_uri: str, db_path: Path, batch: int = 256, model_id: str | None = None) -> Evaluation:
+    """A served-model URI on the catalogue's validation split, through the pyfunc itself, then
+    `mlflow.models.evaluate` on its answers, in a run of its own (nested in the active run)."""
     conn = catalogue.connect(db_path, readonly=True)
     try:
         val = catalogue.images(conn, split="val")
@@ -57,12 +75,80 @@ def evaluate(model_uri: str, db_path: Path, batch: int = 256) -> float:
     if val.empty:
         raise ValueError(f"the catalogue {db_path} has no validation images")
     model = mlflow.pyfunc.load_model(model_uri)
-    predicted: list[str] = []
+    answers = []
     for start in range(0, len(val), batch):
         files = val.file.iloc[start : start + batch]
-        frame = pd.DataFrame({"image": [Path(f).read_bytes() for f in files]})
-        predicted += model.predict(frame, params={"k": 0}).label.tolist()
-    return float(np.mean(np.asarray(predicted, dtype=object) == val.label.to_numpy()))
+        answers.append(model.predict(pd.DataFrame({"image": [Path(f).read_bytes() for f in files]}), params={"k": 0}))
+    answers = pd.concat(answers, ignore_index=True)
+    labels = sorted({*val.label, *next((p for p in answers.probabilities if p is not None), {})})
+    # An unreadable image counts as wrong: its row has no label, and no probability for the truth.
+    predicted = answers.label.fillna("(unreadable)").astype(str)
+    probabilities = np.array([[(p or {}).get(label, 0.0) for label in labels] for p in answers.probabilities])
+    frame = pd.DataFrame({"target": val.label.to_numpy(), "prediction": predicted.to_numpy()})
+    name = f"evaluate {model_uri}"
+    with mlflow.start_run(run_name=name, nested=True) if mlflow.active_run() else start_run(name) as run:
+        mlflow.set_tag("evaluated_model", model_uri)
+        # MLflow's classifier evaluator takes probabilities only from scikit-learn-like models, so
+        # the ROC and calibration plots are ours, from the same answers, logged beside its own.
+        result = mlflow.models.evaluate(
+            data=frame, targets="target", predictions="prediction", model_type="classifier",
+            evaluators=["default"], evaluator_config={"default": {"label_list": labels}},
+            custom_artifacts=[probability_plots(val.label.to_numpy(), probabilities, labels)], model_id=model_id)
+    matrix = pd.crosstab(pd.Categorical(frame.target, labels), pd.Categorical(frame.prediction, labels), dropna=False)
+    rows = matrix.to_numpy().tolist()
+    per_class = {}
+    for i, label in enumerate(labels):
+        said, truth = sum(row[i] for row in rows), sum(rows[i])
+        per_class[label] = {"precision": rows[i][i] / said if said else 0.0, "recall": rows[i][i] / truth if truth else 0.0}
+    return Evaluation(float(result.metrics["accuracy_score"]), per_class, {"labels": labels, "rows": rows},
+                      len(val), result, run.info.run_id)
+
+
+def probability_plots(truth: np.ndarray, probabilities: np.ndarray, labels: list[str]):
+    """A custom artifact for mlflow.models.evaluate: one-vs-rest ROC curves and a calibration curve."""
+
+    def plots(eval_df, builtin_metrics, artifacts_dir):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from sklearn.calibration import calibration_curve
+        from sklearn.metrics import auc, roc_curve
+
+        figure, (roc, calibration) = plt.subplots(1, 2, figsize=(10, 4.2))
+        for i, label in enumerate(labels):
+            positive = truth == label
+            if positive.all() or not positive.any():
+                continue  # a ROC curve needs both classes
+            fpr, tpr, _ = roc_curve(positive, probabilities[:, i])
+            roc.plot(fpr, tpr, label=f"{label} (AUC {auc(fpr, tpr):.3f})")
+        roc.plot([0, 1], [0, 1], ":", color="grey")
+        roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, one class against the rest")
+        roc.legend()
+        confidence = probabilities.max(axis=1)
+        right = np.asarray(labels)[probabilities.argmax(axis=1)] == truth
+        observed, predicted = calibration_curve(right, confidence, n_bins=10, strategy="quantile")
+        calibration.plot(predicted, observed, marker="o", label="model")
+        calibration.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+        calibration.set(xlabel="confidence (top class)", ylabel="share right", title="Calibration")
+        calibration.legend()
+        figure.tight_layout()
+        path = Path(artifacts_dir) / "roc_calibration.png"
+        figure.savefig(path)
+        plt.close(figure)
+        return {"roc_and_calibration_plot": str(path)}
+
+    return plots
+
+
+def at_least_as_good(candidate: Evaluation, production: Evaluation) -> bool:
+    """The gate's rule in MLflow's terms: candidate accuracy >= Production's, on the same split."""
+    threshold = MetricThreshold(threshold=production.accuracy, greater_is_better=True)
+    try:
+        mlflow.validate_evaluation_results({"accuracy_score": threshold}, candidate.result, production.result)
+    except ModelValidationFailedException:
+        return False
+    return True
 
 
 def register(model_uri: str, db_path: Path, name: str = MODEL_NAME) -> Promotion:
@@ -71,10 +157,11 @@ def register(model_uri: str, db_path: Path, name: str = MODEL_NAME) -> Promotion
     run_id = _run_id_of(model_uri)
     registered = _existing_version(client, name, model_uri, run_id) or mlflow.register_model(model_uri, name)
     number = str(registered.version)
-    accuracy = evaluate(f"models:/{name}/{number}", db_path)
-    client.set_model_version_tag(name, number, "val_accuracy", f"{accuracy:.4f}")
+    candidate = evaluate(f"models:/{name}/{number}", db_path, model_id=model_card.logged_model_id(registered))
+    client.set_model_version_tag(name, number, "val_accuracy", f"{candidate.accuracy:.4f}")
     client.set_model_version_tag(name, number, "catalogue_sha256", _catalogue_hash(db_path))
-    return _gate(client, name, number, accuracy, db_path, force=False)
+    publish_card(client, name, number, registered.run_id, candidate)
+    return _gate(client, name, number, candidate, db_path, force=False)
 
 
 def promote(version: str, db_path: Path, force: bool = False, name: str = MODEL_NAME) -> Promotion:
@@ -85,19 +172,23 @@ def promote(version: str, db_path: Path, force: bool = False, name: str = MODEL_
     """
     client = MlflowClient()
     _check_version(client, name, str(version))
-    accuracy = evaluate(f"models:/{name}/{version}", db_path)
-    client.set_model_version_tag(name, str(version), "val_accuracy", f"{accuracy:.4f}")
-    return _gate(client, name, str(version), accuracy, db_path, force=force)
+    candidate = evaluate(f"models:/{name}/{version}", db_path)
+    client.set_model_version_tag(name, str(version), "val_accuracy", f"{candidate.accuracy:.4f}")
+    return _gate(client, name, str(version), candidate, db_path, force=force)
 
 
-def _gate(client: MlflowClient, name: str, number: str, accuracy: float, db_path: Path, force: bool) -> Promotion:
+def _gate(client: MlflowClient, name: str, number: str, candidate: Evaluation, db_path: Path,
+          force: bool) -> Promotion:
     """Production goes to `number` if it is at least as good as the current Production version on the
-    same validation split (or if forced); otherwise nothing changes and the version says why."""
+    same validation split (MLflow's validation, at_least_as_good; or if forced); otherwise nothing
+    changes and the version says why."""
+    accuracy = candidate.accuracy
     current = _production_version(client, name)
     if current is not None and str(current.version) == number:
         return Promotion(number, True, accuracy, accuracy, "already Production")
-    production_accuracy = evaluate(f"models:/{name}/{current.version}", db_path) if current else None
-    worse = production_accuracy is not None and accuracy < production_accuracy
+    production = evaluate(f"models:/{name}/{current.version}", db_path) if current else None
+    production_accuracy = production.accuracy if production else None
+    worse = production is not None and not at_least_as_good(candidate, production)
     if worse and not force:
         reason = (f"not promoted: validation accuracy {accuracy:.4f} is below Production version "
                   f"{current.version}'s {production_accuracy:.4f} on the same validation split")
@@ -158,6 +249,19 @@ def _catalogue_hash(db_path: Path) -> str:
         conn.close()
 
 
+def publish_card(client: MlflowClient, name: str, version: str, run_id: str | None, evaluation: Evaluation) -> None:
+    """The version's model card: the training run's facts plus this evaluation."""
+    try:
+        facts = mlflow.artifacts.load_dict(f"runs:/{run_id}/{model_card.FACTS_FILE}")
+    except (MlflowException, OSError, ValueError):
+        log.warning("version %s: its run has no %s (trained before model cards); no card", version,
+                    model_card.FACTS_FILE)
+        return
+    facts = model_card.registered_facts(facts, name, version, run_id, evaluation.accuracy, evaluation.per_class,
+                                        evaluation.confusion, evaluation.images)
+    model_card.publish(client, name, version, facts)
+
+
 def _run_id_of(model_uri: str) -> str | None:
     try:
         return mlflow.get_logged_model(model_uri.removeprefix("models:/")).source_run_id
@@ -200,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = register(args.model_uri, args.db, args.name)
+    with start_run("register"):  # the evaluations nest in it
+        result = register(args.model_uri, args.db, args.name)
     print(f"register: {args.name} version {result.version}: {result.reason}")
     return 0
 

@@ -4,9 +4,12 @@ The story, top to bottom:
 1. read the catalogue (not the folder): file paths, labels, splits, its content hash;
 2. a tf.data pipeline that decodes each image once with pyfunc.preprocess.load_image (the same
    function serving uses), caches it, shuffles and augments the training split only;
-3. a Sequential CNN (conv blocks with BatchNorm, dropout, a named embedding layer), early stopping;
+3. the network: our CNN (conv blocks with BatchNorm, dropout, a named embedding layer) or a
+   pretrained keras.applications backbone with the same head (trained on the frozen backbone, then
+   optionally fine-tuned), early stopping;
 4. log params, per-epoch metrics, training curves, confusion matrix, classification report, the
-   catalogue as the dataset input, and the model as the `animal` pyfunc with its recommender.
+   catalogue as the dataset input, the model card's facts, and the model as the `animal` pyfunc
+   with its recommender and its familiarity statistics (pyfunc/familiarity.py).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import json
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import keras
@@ -30,9 +33,10 @@ import tensorflow as tf
 from sklearn.metrics import classification_report, confusion_matrix
 
 from databases import catalogue
+from pyfunc.familiarity import Familiarity, pooled
 from pyfunc.model import EMBEDDING_LAYER, log_animal_model, with_embedding
 from pyfunc.preprocess import load_image
-from steps import defaults
+from steps import backbones, defaults, model_card
 from steps.defaults import Hyperparameters
 from steps.tracking import start_run
 
@@ -42,6 +46,8 @@ warnings.filterwarnings("ignore", message=".*Inferred schema contains integer co
 warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed")
 
 MODEL_TAG = "model_uri"  # run tag through which `main` and `tune` find the logged model
+FEATURES_LAYER = "features"  # the globally averaged feature maps, input of the head
+FINE_TUNE_RATE = 0.1  # fine-tuning a pretrained backbone: this fraction of the learning rate
 
 
 @dataclass
@@ -118,23 +124,51 @@ def pipelines(data: Data, hp: Hyperparameters, seed: int) -> tuple[tf.data.Datas
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
 
 
-def build_model(hp: Hyperparameters, image_size: int, n_classes: int) -> keras.Sequential:
-    model = keras.Sequential(name="animal_cnn")
-    model.add(keras.Input(shape=(image_size, image_size, 3)))
-    model.add(keras.layers.Rescaling(1.0 / 255))
+def build_model(hp: Hyperparameters, image_size: int, n_classes: int) -> keras.Model:
+    """The network `hp.backbone` names (uncompiled: `fit` compiles it, with its schedule)."""
+    if hp.backbone == backbones.CNN:
+        return cnn(hp, image_size, n_classes)
+    return pretrained(hp, image_size, n_classes)
+
+
+def cnn(hp: Hyperparameters, image_size: int, n_classes: int) -> keras.Model:
+    """Our network, trained from scratch: `conv_blocks` blocks named block1, block2, ..."""
+    inputs = keras.Input(shape=(image_size, image_size, 3))
+    x = keras.layers.Rescaling(1.0 / 255)(inputs)
     for block in range(hp.conv_blocks):
-        model.add(keras.layers.Conv2D(hp.filters * 2**block, 3, padding="same", use_bias=False))
+        x = keras.layers.Conv2D(hp.filters * 2**block, 3, padding="same", use_bias=False)(x)
         # Momentum 0.9, not 0.99: the moving statistics used at evaluation must settle within the
         # few hundred steps of a short CPU training, or validation sits at chance for epochs.
-        model.add(keras.layers.BatchNormalization(momentum=0.9))
-        model.add(keras.layers.ReLU())
-        model.add(keras.layers.MaxPooling2D())
-    model.add(keras.layers.GlobalAveragePooling2D())
-    model.add(keras.layers.Dropout(hp.dropout))
-    model.add(keras.layers.Dense(hp.dense_units, activation="relu", name=EMBEDDING_LAYER))
-    model.add(keras.layers.Dropout(hp.dropout))
-    model.add(keras.layers.Dense(n_classes, activation="softmax"))
-    return model
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
+        x = keras.layers.ReLU(name=f"block{block + 1}")(x)
+        x = keras.layers.MaxPooling2D()(x)
+    features = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
+    return keras.Model(inputs, head(features, hp, n_classes), name="animal_cnn")
+
+
+def pretrained(hp: Hyperparameters, image_size: int, n_classes: int) -> keras.Model:
+    """A keras.applications backbone (its own input scaling inside, pixels in 0..255 as for `cnn`)
+    under the same head. The backbone starts frozen: the head is trained first (fine_tune)."""
+    backbone = backbones.build(hp.backbone, hp.weights, image_size)
+    backbone.trainable = False
+    inputs = keras.Input(shape=(image_size, image_size, 3))
+    # training=False: its BatchNorm layers keep ImageNet's statistics, also once fine-tuned.
+    features = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(backbone(inputs, training=False))
+    return keras.Model(inputs, head(features, hp, n_classes), name=f"animal_{hp.backbone}")
+
+
+def head(features, hp: Hyperparameters, n_classes: int):
+    x = keras.layers.Dropout(hp.dropout)(features)
+    x = keras.layers.Dense(hp.dense_units, activation="relu", name=EMBEDDING_LAYER)(x)
+    x = keras.layers.Dropout(hp.dropout)(x)
+    return keras.layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+
+
+def familiarity_layers(model: keras.Model) -> list[str]:
+    """Where familiarity is measured: every block of the CNN (the early ones see texture and
+    colour statistics, where photos differ most from drawings), else the backbone's pooled features."""
+    blocks = [layer.name for layer in model.layers if layer.name.startswith("block") and layer.name[5:].isdigit()]
+    return blocks or [FEATURES_LAYER]
 
 
 def compile_model(model: keras.Model, hp: Hyperparameters, steps_per_epoch: int, epochs: int) -> None:
@@ -169,38 +203,74 @@ def fit(model: keras.Model, data: Data, hp: Hyperparameters, epochs: int, patien
                      callbacks=[stop, *(callbacks or [])], verbose=1 if sys.stdout.isatty() else 2)
 
 
+def fine_tune(model: keras.Model, data: Data, hp: Hyperparameters, history: keras.callbacks.History,
+              patience: int, seed: int, callbacks: list | None = None) -> keras.callbacks.History:
+    """A pretrained backbone's second stage: after its head, the whole network for
+    `hp.fine_tune_epochs` more epochs at a tenth of the learning rate. Returns both stages' history."""
+    if hp.backbone == backbones.CNN or hp.fine_tune_epochs <= 0:
+        return history
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    backbone.trainable = True
+    for layer in backbone.layers:  # BatchNorm stays frozen: small batches would spoil its statistics
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    done = len(history.history.get("loss", []))
+    gentler = replace(hp, learning_rate=hp.learning_rate * FINE_TUNE_RATE)  # fit compiles with it
+    tuned = fit(model, data, gentler, done + hp.fine_tune_epochs, patience, seed, callbacks, initial_epoch=done)
+    both = keras.callbacks.History()
+    both.history = {key: list(history.history.get(key, [])) + list(tuned.history.get(key, []))
+                    for key in {*history.history, *tuned.history}}
+    return both
+
+
 def log_training(model: keras.Model, data: Data, history: keras.callbacks.History | None,
-                 image_size: int) -> tuple[float, str]:
-    """Evaluate on validation, log plots, report and the pyfunc model; returns (val accuracy, model URI)."""
-    _, val = pipelines(data, Hyperparameters(augment=0), seed=0)
-    probabilities = model.predict(val, verbose=0)
+                 image_size: int, hp: Hyperparameters | None = None) -> tuple[float, str]:
+    """Evaluate on validation, fit familiarity, log plots, report, the model card's facts and the
+    pyfunc model; returns (val accuracy, model URI). `hp`: what trained it, for the model card."""
+    taps = familiarity_layers(model)
+    train_out, val_out = (forward(model, taps, images) for images in (data.train_images, data.val_images))
+    probabilities = val_out[0]
     predicted = probabilities.argmax(axis=1)
     accuracy = float((predicted == data.y_val).mean())
-    mlflow.log_metric("final_val_accuracy", accuracy)
+    matrix = confusion_matrix(data.y_val, predicted, labels=range(len(data.labels)))
+    familiarity = Familiarity.fit(train_out[2], data.y_train, val_out[2])
+    per_class = {label: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, label in enumerate(data.labels)}
+    flagged = float(familiarity.unfamiliar(familiarity.scores(val_out[2])).mean())
+    mlflow.log_metrics({"final_val_accuracy": accuracy, **{f"val_accuracy_{k}": v for k, v in per_class.items()},
+                        "familiarity_threshold": familiarity.threshold, "val_unfamiliar_share": flagged})
     report = classification_report(data.y_val, predicted, labels=range(len(data.labels)),
                                    target_names=data.labels, digits=4, zero_division=0)
     mlflow.log_text(report, "classification_report.txt")
-    mlflow.log_figure(confusion_figure(confusion_matrix(data.y_val, predicted, labels=range(len(data.labels))),
-                                       data.labels), "confusion_matrix.png")
+    mlflow.log_figure(confusion_figure(matrix, data.labels), "confusion_matrix.png")
     if history is not None:
         mlflow.log_figure(curves_figure(history.history), "training_curves.png")
     print(report)
+    facts = model_card.training_facts(
+        data.frame, data.labels, data.content_hash, image_size, accuracy, per_class, matrix.tolist(),
+        familiarity.threshold, familiarity.flag_share, flagged, None if hp is None else asdict(hp),
+        mlflow.active_run().info.run_id)
+    mlflow.log_dict(facts, model_card.FACTS_FILE)
+    mlflow.log_text(model_card.render(facts), model_card.CARD_FILE)
 
     with tempfile.TemporaryDirectory() as workdir:
         gallery = Path(workdir) / "gallery.db"
-        write_gallery(model, data, gallery)
+        write_gallery(data, np.concatenate([train_out[1], val_out[1]]), gallery)
         example = Path(data.frame[data.frame.split == "val"].file.iloc[0]).read_bytes()
-        info = log_animal_model(model, data.labels, image_size, gallery, example, Path(workdir))
+        info = log_animal_model(model, data.labels, image_size, gallery, example, Path(workdir), familiarity, taps)
     mlflow.set_tag(MODEL_TAG, info.model_uri)
     return accuracy, info.model_uri
 
 
-def write_gallery(model: keras.Model, data: Data, gallery: Path) -> None:
-    """Embed every catalogue image (from the decode cache) for the recommender."""
+def forward(model: keras.Model, taps: list[str], images: tf.data.Dataset) -> tuple[np.ndarray, ...]:
+    """(probabilities, embeddings, pooled familiarity features) of decoded images, as served."""
+    probabilities, embeddings, *tapped = with_embedding(model, taps).predict(images.batch(256), verbose=0)
+    return probabilities, embeddings, pooled(tapped)
+
+
+def write_gallery(data: Data, embeddings: np.ndarray, gallery: Path) -> None:
+    """The recommender's gallery: every catalogue image (train, then val) with its embedding."""
     from pyfunc.recommender import write_gallery as write
 
-    images = data.train_images.concatenate(data.val_images).batch(256)
-    _, embeddings = with_embedding(model).predict(images, verbose=0)
     ordered = pd.concat([data.frame[data.frame.split == "train"], data.frame[data.frame.split == "val"]])
     write(gallery, ordered.id, ordered.path, ordered.label, embeddings)
 
@@ -244,6 +314,8 @@ def train(db_path: Path, image_size: int = defaults.IMAGE_SIZE, epochs: int = de
           hp: Hyperparameters | None = None) -> tuple[str, float, str]:
     """Train and log one model; returns (run id, validation accuracy, model URI)."""
     hp = hp or Hyperparameters()
+    if hp.backbone != backbones.CNN:  # a missing weights file stops us here, before any work
+        backbones.weights_file(hp.backbone, hp.weights)
     keras.utils.set_random_seed(seed)
     data = load_data(db_path, image_size)
     with start_run("train") as run:
@@ -253,14 +325,16 @@ def train(db_path: Path, image_size: int = defaults.IMAGE_SIZE, epochs: int = de
         log_catalogue(data, db_path)
         model = build_model(hp, image_size, len(data.labels))
         history = fit(model, data, hp, epochs, patience, seed, callbacks=[MlflowMetrics()])
-        accuracy, model_uri = log_training(model, data, history, image_size)
+        history = fine_tune(model, data, hp, history, patience, seed, callbacks=[MlflowMetrics()])
+        accuracy, model_uri = log_training(model, data, history, image_size, hp)
     return run.info.run_id, accuracy, model_uri
 
 
 def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
     """--conv-blocks, --filters, ...: one flag per Hyperparameters field, its default the field's."""
+    choices = {"backbone": backbones.CHOICES}
     for name, value in asdict(Hyperparameters()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, choices=choices.get(name))
 
 
 def hyperparameters_from(args: argparse.Namespace) -> Hyperparameters:

@@ -41,7 +41,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from steps import defaults, train
+from steps import backbones, defaults, train
 from steps.register import ALIAS, MODEL_NAME, Promotion, register
 
 TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
@@ -58,9 +58,10 @@ class SearchMismatch(ValueError):
     """The search folder holds a search made with other settings."""
 
 
-def hyperparameters(hp: kt.HyperParameters) -> train.Hyperparameters:
-    """The search space, read as train.Hyperparameters; its defaults are `train`'s."""
-    default = train.Hyperparameters()
+def hyperparameters(hp: kt.HyperParameters, network: train.Hyperparameters | None = None) -> train.Hyperparameters:
+    """The search space, read as train.Hyperparameters; its defaults are `train`'s. The backbone,
+    its weights and fine_tune_epochs are not searched: they come from `network` (the search's settings)."""
+    default, network = train.Hyperparameters(), network or train.Hyperparameters()
     return train.Hyperparameters(
         # At 64 px two blocks see too little of the face; a fifth still has 4x4 pixels to look at.
         conv_blocks=hp.Int("conv_blocks", 3, 5, default=default.conv_blocks),
@@ -72,27 +73,32 @@ def hyperparameters(hp: kt.HyperParameters) -> train.Hyperparameters:
         learning_rate=hp.Float("learning_rate", 3e-4, 1e-2, sampling="log", default=default.learning_rate),
         augment=hp.Choice("augment", [0.0, 0.05, 0.1, 0.15, 0.2], default=default.augment),
         batch_size=default.batch_size,
+        backbone=network.backbone, weights=network.weights, fine_tune_epochs=network.fine_tune_epochs,
     )
 
 
 class AnimalHyperModel(kt.HyperModel):
     """train.build_model and train.fit on data decoded once for all trials."""
 
-    def __init__(self, data: train.Data, image_size: int, patience: int, seed: int):
+    def __init__(self, data: train.Data, image_size: int, patience: int, seed: int,
+                 network: train.Hyperparameters | None = None):
         super().__init__(name="animal_cnn")
         self.data, self.image_size, self.patience, self.seed = data, image_size, patience, seed
+        self.network = network or train.Hyperparameters()  # backbone, weights, fine_tune_epochs
         # patience 0: no early stopping, so that every trial's schedule runs to its end and trials
         # are compared at the same point of their learning-rate decay.
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         keras.utils.set_random_seed(self.seed)  # same initialisation for every trial: only the hps differ
-        return train.build_model(hyperparameters(hp), self.image_size, len(self.data.labels))
+        return train.build_model(hyperparameters(hp, self.network), self.image_size, len(self.data.labels))
 
     def fit(self, hp: kt.HyperParameters, model: keras.Model, *args, epochs: int = 1,
             callbacks: list | None = None, initial_epoch: int = 0, **kwargs) -> keras.callbacks.History:
         # Hyperband passes `initial_epoch` when it continues an earlier trial's model.
-        return train.fit(model, self.data, hyperparameters(hp), epochs, self.patience or epochs, self.seed,
-                         callbacks=callbacks, initial_epoch=initial_epoch)
+        chosen, patience = hyperparameters(hp, self.network), self.patience or epochs
+        history = train.fit(model, self.data, chosen, epochs, patience, self.seed, callbacks=callbacks,
+                            initial_epoch=initial_epoch)
+        return train.fine_tune(model, self.data, chosen, history, patience, self.seed, callbacks=callbacks)
 
 
 class MlflowTrials:
@@ -209,16 +215,21 @@ class Result:
 def tune(db_path: Path, max_trials: int = defaults.MAX_TRIALS, epochs: int = defaults.TUNE_EPOCHS,
          tuner: str = defaults.TUNER, image_size: int = defaults.IMAGE_SIZE, seed: int = defaults.SEED,
          overwrite: bool = False, directory: Path = defaults.TUNING_DIR, patience: int = defaults.TUNE_PATIENCE,
-         model_name: str = MODEL_NAME) -> Result | None:
-    """Run (or resume) a search; returns its result, or None on a distributed worker."""
+         model_name: str = MODEL_NAME, network: train.Hyperparameters | None = None) -> Result | None:
+    """Run (or resume) a search; returns its result, or None on a distributed worker. `network`:
+    backbone, weights and fine_tune_epochs for every trial (the rest of it is searched)."""
     started, mode = time.monotonic(), role()
+    network = network or train.Hyperparameters()
+    if network.backbone != backbones.CNN:  # a missing weights file stops us here, before any work
+        backbones.weights_file(network.backbone, network.weights)
     # Inside `mlflow run`, the run it made for this command; the search's parent run may be another.
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
     keras.utils.set_random_seed(seed)
     data = train.load_data(db_path, image_size)
     settings = {"tuner": tuner, "epochs": epochs, "patience": patience, "image_size": image_size,
-                "seed": seed, "catalogue_sha256": data.content_hash}
-    hypermodel = AnimalHyperModel(data, image_size, patience, seed)
+                "seed": seed, "catalogue_sha256": data.content_hash, "backbone": network.backbone,
+                "weights": network.weights, "fine_tune_epochs": network.fine_tune_epochs}
+    hypermodel = AnimalHyperModel(data, image_size, patience, seed, network)
     if overwrite and mode == "worker":
         print("[tune] overwrite is the chief's to decide: this worker joins the search as it is")
     search = make_tuner(tuner, hypermodel, max_trials, epochs, seed, directory,
@@ -350,7 +361,7 @@ def summarise(search: kt.Tuner, data: train.Data, image_size: int, db_path: Path
     if logged is not None and logged.score == best_trial.score:
         best_trial = logged  # a tie with the trial whose model is logged already: keep that model
     best_values = best_trial.hyperparameters.values
-    best = hyperparameters(best_trial.hyperparameters)
+    best = hyperparameters(best_trial.hyperparameters, search.hypermodel.network)
     mlflow.log_text(table.to_csv(index=False), "trials.csv")
     figure = trials_figure(table)
     mlflow.log_figure(figure, "trials.png")
@@ -365,7 +376,7 @@ def summarise(search: kt.Tuner, data: train.Data, image_size: int, db_path: Path
         # The best trial's best epoch, as KerasTuner checkpointed it: no second training.
         model = search.load_model(best_trial)
         history = trial_history(children.get(best_trial.trial_id))
-        _, model_uri = train.log_training(model, data, history, image_size)
+        _, model_uri = train.log_training(model, data, history, image_size, best)
         mlflow.set_tag("best_model_trial", best_trial.trial_id)
     promotion = register(model_uri, db_path, model_name)
     mlflow.log_metrics({"val_accuracy": promotion.accuracy, "promoted": float(promotion.promoted)})
@@ -458,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", type=lambda s: s.strip().lower() in ("true", "1", "yes"), default=False,
                         help="true: start the search over; false (default): resume it")
     parser.add_argument("--directory", type=Path, default=defaults.TUNING_DIR)
+    network = defaults.Hyperparameters()
+    parser.add_argument("--backbone", choices=backbones.CHOICES, default=network.backbone)
+    parser.add_argument("--weights", default=network.weights, help="imagenet, a weights file or none (backbones only)")
+    parser.add_argument("--fine-tune-epochs", type=int, default=network.fine_tune_epochs)
     return parser
 
 
@@ -465,8 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        network = train.Hyperparameters(backbone=args.backbone, weights=args.weights,
+                                        fine_tune_epochs=args.fine_tune_epochs)
         tune(args.db, args.max_trials, args.epochs, args.tuner, args.image_size, args.seed, args.overwrite,
-             args.directory, args.patience)
+             args.directory, args.patience, network=network)
     except (FileNotFoundError, ValueError, LookupError, RuntimeError) as error:
         print(f"tune: error: {error}", file=sys.stderr)
         return 2

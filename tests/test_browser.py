@@ -2,10 +2,12 @@
 scoring server of the tiny pipeline: drop or choose a photo, submit, see the label and similar images."""
 from __future__ import annotations
 
+import base64
 import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from databases import catalogue
@@ -171,3 +173,47 @@ def test_too_large_file_in_the_browser(browser, page_url, tmp_path):
     assert page.locator("h1").inner_text() == "Request Entity Too Large"
     assert "uploads are limited to 10 MB" in page.locator("[data-message]").inner_text()
     context.close()
+
+
+def far_off_images(folder: Path) -> list[Path]:
+    """Images unlike any face drawing: flat black, a fine checkerboard, hard stripes."""
+    from PIL import Image
+
+    squares = (np.indices((64, 64)).sum(axis=0) // 4 % 2 * 255).astype(np.uint8)
+    stripes = (np.indices((64, 64))[1] // 8 % 2 * 255).astype(np.uint8)
+    arrays = {"black": np.zeros((64, 64), np.uint8), "checkerboard": squares, "stripes": stripes}
+    paths = []
+    for name, array in arrays.items():
+        paths.append(folder / f"{name}.png")
+        Image.fromarray(array).convert("RGB").save(paths[-1])
+    return paths
+
+
+def test_an_unfamiliar_photo_gets_the_note_not_a_label(browser, page_url, scoring_server, pipeline, tmp_path):
+    import requests
+
+    candidates = far_off_images(tmp_path)
+    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]
+                                                               for p in candidates]}, "params": {"k": 0}}
+    rows = requests.post(f"{scoring_server}/invocations", json=body, timeout=60).json()["predictions"]
+    oddest = min(range(len(rows)), key=lambda i: rows[i]["familiarity"])
+    assert rows[oddest]["unfamiliar"] is True, rows  # the served model flags it: now the page must say so
+
+    assert requests.get(f"{page_url}/api/model", timeout=120).ok  # the footer's card, read once
+    page = open_page(browser, page_url, DESKTOP)
+    page.set_input_files("input[name=image]", str(candidates[oddest]))
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    page.wait_for_load_state("load")
+    note = page.locator("[data-unfamiliar]")
+    sync_api.expect(note).to_be_visible()
+    assert note.inner_text().strip() == ("This photo is unlike the images the model was trained on — "
+                                         "its answer is a guess.")
+    assert page.locator("h1[data-label], .label").count() == 0  # no bold, confident label
+    guess = page.locator("[data-label]").inner_text().strip().lower()
+    assert guess == rows[oddest]["label"] and page.title() == f"A guess: {guess.capitalize()} · Animal faces"
+    assert page.locator("[data-model-version]").inner_text() == pipeline.version
+    assert page.problems == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "browser-unfamiliar.png", full_page=True)
+    page.close()

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 import requests
 
-COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error"]
+COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error", "unfamiliar", "familiarity"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,8 @@ def check_answer(row: dict, k: int) -> None:
     assert [s["score"] for s in row["similar"]] == sorted((s["score"] for s in row["similar"]), reverse=True)
     for item in row["similar"]:
         assert set(item) == {"id", "path", "label", "score"} and item["label"] == row["label"]
+    assert isinstance(row["unfamiliar"], bool) and 0 <= row["familiarity"] <= 1
+    assert row["unfamiliar"] == (row["familiarity"] < 0.05)  # the stored flag share (FLAG_SHARE)
 
 
 def test_base64_and_raw_bytes_give_the_same_answer(model, images):
@@ -68,6 +71,7 @@ def test_a_bad_row_gets_an_error_and_the_others_are_answered(model, images):
     assert "empty" in out[3]["error"]
     for row in out[1:4]:
         assert row["label"] is None and row["confidence"] is None and row["similar"] == []
+        assert row["unfamiliar"] is None and row["familiarity"] is None
 
 
 def test_wrong_column_and_bad_params_are_clear_errors(model, images):
@@ -110,6 +114,7 @@ def test_http_contract(scoring_server, images, payload):
     check_answer(rows[2], k=3)
     assert rows[0]["uncertain"] is True  # tiny model, threshold 0.99
     assert rows[1]["label"] is None and "invalid base64" in rows[1]["error"]
+    assert rows[1]["unfamiliar"] is None and rows[1]["familiarity"] is None
 
 
 def test_http_wrong_column_is_a_client_error(scoring_server):
@@ -117,3 +122,30 @@ def test_http_wrong_column_is_a_client_error(scoring_server):
                              json={"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, timeout=60)
     assert 400 <= response.status_code < 500
     assert requests.get(f"{scoring_server}/ping", timeout=5).ok  # and it keeps serving
+
+
+def test_signature_lists_unfamiliar_and_familiarity(pipeline):
+    info = mlflow.models.get_model_info("models:/animal/Production")
+    outputs = {spec.name: str(spec.type) for spec in info.signature.outputs.inputs}
+    assert outputs["unfamiliar"].endswith("boolean") and outputs["familiarity"].endswith("double")
+
+
+def test_the_stored_calibration_decides_unfamiliar(pipeline, images, tmp_path):
+    """The threshold lives in the model's files (config.json, familiarity.npz) and is what predict uses:
+    shrink the stored validation distances and every image is unfamiliar; stretch them and none is."""
+
+    from pyfunc.familiarity import Familiarity
+
+    local = Path(mlflow.artifacts.download_artifacts("models:/animal/Production", dst_path=str(tmp_path)))
+    config = json.loads((local / "artifacts" / "config.json").read_text())
+    stored = Familiarity.load(local / "artifacts" / "familiarity.npz")
+    assert config["familiarity"]["threshold"] == pytest.approx(stored.threshold)
+    assert config["familiarity"]["flag_share"] == stored.flag_share == 0.05
+    run = mlflow.MlflowClient().get_run(pipeline.run_id)
+    assert run.data.metrics["familiarity_threshold"] == pytest.approx(stored.threshold)
+    frame = pd.DataFrame({"image": [b64(images[label]) for label in ("cat", "dog", "wild")]})
+    for scale, expected in ((1e-9, True), (1e9, False)):
+        Familiarity(stored.means, stored.whitening, stored.reference * scale, stored.flag_share).save(
+            local / "artifacts" / "familiarity.npz")
+        out = mlflow.pyfunc.load_model(str(local)).predict(frame)
+        assert out.unfamiliar.tolist() == [expected] * 3

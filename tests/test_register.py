@@ -72,6 +72,10 @@ def test_gate_promotes_only_a_model_at_least_as_good(unbalanced_db, monkeypatch,
         assert client.get_model_version("animal", first.version).current_stage == "Production"
         assert client.get_model_version("animal", worse.version).current_stage == "None"
         assert "not promoted" in client.get_model_version("animal", worse.version).tags["promotion"]
+        # Both sides of that decision were measured by mlflow.models.evaluate, each in a run of its own.
+        evaluated = mlflow.search_runs(filter_string="tags.evaluated_model LIKE 'models:/animal/%'")
+        assert set(evaluated["tags.evaluated_model"]) == {"models:/animal/1", "models:/animal/2"}
+        assert set(evaluated["metrics.accuracy_score"]) == {0.5, 0.25}
 
         again = register(always_dog, unbalanced_db)  # re-running registers nothing new
         assert again.version == worse.version and not again.promoted
@@ -149,3 +153,17 @@ def test_promote_cli_says_in_one_line_what_is_wrong(unbalanced_db, own_registry,
     assert capsys.readouterr().err.strip() == "promote: error: there is no registered model named \"it's\""
     assert main(["--version", "1", "--db", str(unbalanced_db)]) == 0
     assert "already Production" in capsys.readouterr().out
+
+
+def test_the_gate_is_mlflows_validation_at_the_production_accuracy():
+    from mlflow.models import EvaluationResult
+
+    from steps.register import Evaluation, at_least_as_good
+
+    def scored(accuracy: float) -> Evaluation:
+        return Evaluation(accuracy, {}, {}, 4, EvaluationResult({"accuracy_score": accuracy}, {}), "run")
+
+    assert at_least_as_good(scored(0.5), scored(0.5))  # a tie is good enough
+    assert at_least_as_good(scored(0.75), scored(0.5))
+    assert not at_least_as_good(scored(0.25), scored(0.5))
+    assert at_least_as_good(scored(0.0), scored(0.0))

@@ -23,6 +23,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 from databases import catalogue
 from pyfunc.preprocess import ImageError, open_image
 from steps import defaults
+from web.model_info import ModelInfo
 from web.scoring import ScoringClient, ScoringFailed, ScoringUnavailable
 from web.security import SECURITY_HEADERS
 from web.store import ImageStore, NotInStore, open_store
@@ -93,6 +94,9 @@ def create_app(config: dict | None = None) -> Flask:
     app.json.sort_keys = False  # /api/predict keeps the model's column order
     app.extensions["animal"] = Services(ScoringClient(app.config["SCORING_URL"], app.config["SCORING_TIMEOUT"]),
                                         open_store(app.config["IMAGE_STORE"]), set(), threading.Lock())
+    app.extensions["model_info"] = ModelInfo()  # the Production version's model card (web/model_info.py)
+    app.extensions["model_info"].refresh_soon()
+    app.context_processor(lambda: {"model": app.extensions["model_info"].footer()})  # templates/footer.html
     add_routes(app)
     add_error_handlers(app)
     app.before_request(bound_slow_uploads)
@@ -112,6 +116,7 @@ def add_routes(app: Flask) -> None:
     app.add_url_rule("/api/predict", "predict_api", predict_api, methods=["POST"])
     app.add_url_rule("/images/<int:image_id>", "image", image, methods=["GET"])
     app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
+    app.add_url_rule("/api/model", "model_api", model_api, methods=["GET"])
 
 
 def index() -> str:
@@ -134,6 +139,14 @@ def predict_page() -> str:
 def predict_api() -> Response:
     upload, _ = read_upload()
     return jsonify(predict(upload))
+
+
+def model_api() -> Response:
+    """The model card's facts of the Production version, as the registry has them."""
+    facts, problem = current_app.extensions["model_info"].facts()
+    if facts is None:
+        abort(503, description=f"The model card is not available: {problem}.")
+    return jsonify(facts)
 
 
 def image(image_id: int) -> Response:
