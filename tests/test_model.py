@@ -149,3 +149,17 @@ def test_the_stored_calibration_decides_unfamiliar(pipeline, images, tmp_path):
             local / "artifacts" / "familiarity.npz")
         out = mlflow.pyfunc.load_model(str(local)).predict(frame)
         assert out.unfamiliar.tolist() == [expected] * 3
+
+
+def test_batch_scoring_writes_both_fields(pipeline, model, tmp_path):
+    import pyarrow.parquet as pq
+
+    from steps import score as scoring
+
+    folder = pipeline.image_store / "val"
+    scoring.score(folder, tmp_path / "out.parquet", "models:/animal/Production", interactive=False)
+    table = pq.read_table(tmp_path / "out.parquet").to_pandas().set_index("path")
+    assert {"unfamiliar", "familiarity"} <= set(table.columns)
+    for path, row in table.iterrows():
+        answer = model.predict(pd.DataFrame({"image": [(folder / path).read_bytes()]})).iloc[0]
+        assert bool(row.unfamiliar) == answer.unfamiliar and row.familiarity == pytest.approx(answer.familiarity, abs=1e-3)
