@@ -22,6 +22,9 @@ SOURCE = "synthetic"
 IMAGES_PER_CLASS = 600  # synthetic only: train + val, per class
 VAL_FRACTION = 0.2  # synthetic only
 SEED = 42
+# synthetic only: pixels per side of the files. 128 is the generator's own size; 512 rehearses AFHQ
+# (its photos' size, JPEG quality and file size: `-P images_per_class=5000 -P synthetic_size=512`).
+SYNTHETIC_SIZE = 128
 
 # train
 IMAGE_SIZE = 64  # the network's input, in pixels per side

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the image store (images/) and metadata CSV go here")
     parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
     parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS)
+    parser.add_argument("--synthetic-size", type=int, default=defaults.SYNTHETIC_SIZE,
+                        help="synthetic only: pixels per side of the image files (512: AFHQ's)")
     parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
     parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     parser.add_argument("--patience", type=int, default=defaults.PATIENCE)
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with start_run("main") as parent:
         run_step("extract", {"source": args.source, "image_store": image_store, "metadata": metadata,
-                             "images_per_class": args.images_per_class, "seed": args.seed})
+                             "images_per_class": args.images_per_class, "seed": args.seed,
+                             "synthetic_size": args.synthetic_size})
         run_step("populate", {"metadata": metadata, "image_store": image_store, "db": db})
         trained = run_step("train", {"db": db, "image_size": args.image_size, "epochs": args.epochs,
                                      "patience": args.patience, "seed": args.seed, **asdict(hp)})

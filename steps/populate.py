@@ -11,17 +11,21 @@ import csv
 import hashlib
 import logging
 import os
+import sqlite3
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from databases import catalogue
 from steps import defaults
+from steps.progress import progress
 from steps.tracking import start_run
 
 log = logging.getLogger("populate")
 
 SPLITS = ("train", "val")
+BATCH_ROWS = 1000  # rows per upsert transaction
 
 
 @dataclass
@@ -36,10 +40,15 @@ def populate(metadata_csv: Path, image_store: Path, db_path: Path) -> PopulateRe
     if not metadata_csv.is_file():
         raise FileNotFoundError(f"metadata CSV not found: {metadata_csv} (run the extract step first)")
     report = PopulateReport()
-    rows = []
     seen: dict[str, str] = {}  # sha256 -> path: the same content twice would flip its row's path on every run
-    with metadata_csv.open(newline="") as handle:
-        for row in csv.DictReader(handle):
+    conn = catalogue.connect(db_path)
+    try:
+        with conn:
+            catalogue.set_store_root(conn, image_store)
+        # In batches, so memory stays flat at any size; each batch is one transaction, and a run cut
+        # short is completed by the next (the upsert is idempotent).
+        batch: list[dict] = []
+        for row in progress(_rows(metadata_csv), _count_rows(metadata_csv), "populate", unit="row"):
             problem = _problem(row, image_store)
             if not problem and row["sha256"] in seen:
                 problem = f"same content as {seen[row['sha256']]}"
@@ -48,17 +57,40 @@ def populate(metadata_csv: Path, image_store: Path, db_path: Path) -> PopulateRe
             if problem:
                 report.rejected.append(f"{row.get('path')}: {problem}")
                 log.warning("not inserted: %s: %s", row.get("path"), problem)
-            else:
-                rows.append(row)
-    conn = catalogue.connect(db_path)
-    try:
-        with conn:
-            catalogue.set_store_root(conn, image_store)
-        counts = catalogue.upsert_images(conn, rows)
+                continue
+            batch.append(row)
+            if len(batch) == BATCH_ROWS:
+                _upsert(conn, batch, report)
+                batch = []
+        _upsert(conn, batch, report)
     finally:
         conn.close()
-    report.inserted, report.updated, report.unchanged = counts.inserted, counts.updated, counts.unchanged
     return report
+
+
+def _rows(metadata_csv: Path) -> Iterator[dict]:
+    with metadata_csv.open(newline="") as handle:
+        yield from csv.DictReader(handle)
+
+
+def _count_rows(metadata_csv: Path) -> int:
+    """Rows of the CSV (for the progress bar): a quick pass that parses nothing but the quoting."""
+    with metadata_csv.open(newline="") as handle:
+        return max(0, sum(1 for _ in csv.reader(handle)) - 1)
+
+
+def _upsert(conn: sqlite3.Connection, rows: list[dict], report: PopulateReport) -> None:
+    if rows:
+        counts = catalogue.upsert_images(conn, rows)
+        report.inserted += counts.inserted
+        report.updated += counts.updated
+        report.unchanged += counts.unchanged
+
+
+def file_sha256(file: Path) -> str:
+    """Streamed in chunks: a file is never held in memory whole, whatever its size."""
+    with file.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _problem(row: dict, image_store: Path) -> str | None:
@@ -77,7 +109,7 @@ def _problem(row: dict, image_store: Path) -> str | None:
     file = image_store / path
     if not file.is_file():
         return "file missing from the image store"
-    if hashlib.sha256(file.read_bytes()).hexdigest() != row["sha256"]:
+    if file_sha256(file) != row["sha256"]:
         return "file content differs from its sha256"
     return None
 

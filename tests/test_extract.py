@@ -110,7 +110,8 @@ def test_odd_file_names_are_made_safe(tmp_path):
 
 @pytest.mark.parametrize("make_source, message", [
     (lambda p: p / "missing", "source not found"),
-    (lambda p: (p / "flat").mkdir() or ((p / "flat" / "a.jpg").write_bytes(jpeg()) and p / "flat"), "no images laid out"),
+    (lambda p: (p / "flat").mkdir() or ((p / "flat" / "a.jpg").write_bytes(jpeg()) and p / "flat"),
+     "no images laid out"),
     (lambda p: (p / "empty").mkdir() or p / "empty", "no images laid out"),
     (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "neither a folder nor a .zip"),
 ])
@@ -138,3 +139,76 @@ def test_real_afhq_sample(tmp_path):
     assert counts == {("train", "cat"): 5, ("train", "dog"): 5, ("train", "wild"): 5,
                       ("val", "cat"): 16, ("val", "dog"): 11, ("val", "wild"): 15}
     assert {(r["width"], r["height"]) for r in rows} == {("512", "512")}
+
+
+# --- AFHQ-sized synthetic images, the default unchanged, progress, the CSV written atomically ------
+
+def test_synthetic_size_512_writes_afhq_sized_jpegs(tmp_path):
+    report = extract("synthetic", tmp_path / "images", tmp_path / "meta.csv", images_per_class=2, seed=1,
+                     synthetic_size=512)
+    rows = read_csv(tmp_path / "meta.csv")
+    assert report.written == 6 and len(rows) == 6
+    for row in rows:
+        image = Image.open(tmp_path / "images" / row["path"])
+        assert image.format == "JPEG" and image.size == (512, 512)
+        assert (row["width"], row["height"]) == ("512", "512")
+        assert 20_000 < int(row["bytes"]) < 90_000  # AFHQ's photos: 27 to 75 KB
+
+
+def test_default_synthetic_files_are_the_generator_at_its_own_size(tmp_path):
+    from steps.synthetic import draw_face
+
+    extract("synthetic", tmp_path / "images", tmp_path / "meta.csv", images_per_class=2, seed=4)
+    row = read_csv(tmp_path / "meta.csv")[0]
+    assert (row["path"], row["width"]) == ("train/cat/synthetic_cat_00000.jpg", "128")
+    buffer = io.BytesIO()
+    draw_face("cat", [4, 0, 0, 0])[0].save(buffer, "JPEG", quality=92)
+    assert (tmp_path / "images" / row["path"]).read_bytes() == buffer.getvalue()
+
+
+def test_parallel_drawing_gives_the_same_images_in_the_same_order(monkeypatch):
+    from steps import extract as module
+
+    serial = list(module._synthetic(4, 0.25, 9, 64))
+    monkeypatch.setattr(module, "PARALLEL_FROM", 1)  # a pool even for 12 images
+    parallel = list(module._synthetic(4, 0.25, 9, 64))
+    assert [(i.split, i.label, i.name, i.data) for i in parallel] == [(i.split, i.label, i.name, i.data)
+                                                                      for i in serial]
+
+
+@pytest.mark.parametrize("size", [0, 15, 5000])
+def test_bad_synthetic_size_is_one_clear_error(tmp_path, size, capsys):
+    from steps.extract import main
+
+    assert main(["--synthetic-size", str(size), "--image-store", str(tmp_path / "i"),
+                 "--metadata", str(tmp_path / "m.csv"), "--images-per-class", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "synthetic_size must be" in error and error.count("\n") == 0
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(tmp_path, capsys):
+    extract("synthetic", tmp_path / "images", tmp_path / "meta.csv", images_per_class=10, seed=2)
+    lines = capsys.readouterr().err.strip().splitlines()  # pytest's capture is not a terminal
+    assert 2 <= len(lines) <= 11 and all(line.startswith("extract: ") for line in lines)
+    assert "\r" not in "".join(lines) and lines[-1].startswith("extract: 30/30 img (100%)")
+
+
+def test_a_failed_run_leaves_the_previous_csv_whole(tmp_path, monkeypatch):
+    from steps import extract as module
+
+    extract("synthetic", tmp_path / "images", tmp_path / "meta.csv", images_per_class=2, seed=3)
+    before = (tmp_path / "meta.csv").read_bytes()
+    calls = []
+
+    def fail_on_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_row(*args)
+
+    real_row = module._row
+    monkeypatch.setattr(module, "_row", fail_on_the_third)
+    with pytest.raises(OSError, match="disk full"):
+        extract("synthetic", tmp_path / "images", tmp_path / "meta.csv", images_per_class=3, seed=3)
+    assert (tmp_path / "meta.csv").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "meta.csv"]  # no partial file left

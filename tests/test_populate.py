@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import random
 import sqlite3
 
 import pytest
@@ -124,3 +126,39 @@ def test_missing_inputs_are_clear_errors(tmp_path):
         populate(tmp_path / "none.csv", tmp_path, tmp_path / "db")
     with pytest.raises(FileNotFoundError, match="run the populate step"):
         catalogue.connect(tmp_path / "none.db", readonly=True)
+
+
+# --- at AFHQ's scale: streamed hashing, batched upserts, progress -----------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, 1 << 16, 3 * (1 << 20) + 7])
+def test_streamed_hash_is_the_sha256_of_the_whole_file(tmp_path, size):
+    from steps.populate import file_sha256
+
+    data = random.Random(size).randbytes(size)
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def test_batches_change_nothing_and_stay_idempotent(extracted, tmp_path, monkeypatch):
+    from steps import populate as module
+
+    image_store, metadata, db = extracted
+    populate(metadata, image_store, db)  # in one batch
+    monkeypatch.setattr(module, "BATCH_ROWS", 5)  # 12 rows: batches of 5, 5 and 2
+    first = populate(metadata, image_store, tmp_path / "batched.db")
+    second = populate(metadata, image_store, tmp_path / "batched.db")
+    assert (first.inserted, first.unchanged) == (12, 0)
+    assert (second.inserted, second.updated, second.unchanged) == (0, 0, 12)
+    columns = "sha256, path, split, label, width, height, bytes, source, attributes"
+    with sqlite3.connect(db) as one, sqlite3.connect(tmp_path / "batched.db") as batched:
+        query = f"SELECT {columns} FROM images ORDER BY id"
+        assert one.execute(query).fetchall() == batched.execute(query).fetchall()
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(extracted, capsys):
+    image_store, metadata, db = extracted
+    capsys.readouterr()
+    populate(metadata, image_store, db)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(line.startswith("populate: ") for line in lines)
+    assert lines[-1].startswith("populate: 12/12 row (100%)")

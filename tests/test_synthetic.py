@@ -1,10 +1,14 @@
 """steps.synthetic: determinism, image format, attribute vocabularies and their overlap across classes."""
 
+import hashlib
+import io
 from collections import defaultdict
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from steps import defaults
 from steps.synthetic import (
     BACKGROUNDS,
     EAR_SHAPES,
@@ -14,8 +18,10 @@ from steps.synthetic import (
     LABELS,
     MUZZLES,
     PATTERNS,
+    PHOTO_QUALITY,
     SUBTYPES,
     draw_face,
+    draw_photo,
 )
 
 VOCABULARY = {
@@ -105,3 +111,49 @@ def test_single_shape_features_overlap_but_the_combination_decides(attributes):
     combos = {label: {(a["ear_shape"], a["muzzle"]) for a in rows} for label, rows in attributes.items()}
     assert not (combos["cat"] & combos["dog"]) and not (combos["cat"] & combos["wild"])
     assert not (combos["dog"] & combos["wild"])
+
+
+# --- the default images are pinned; AFHQ-sized ones (draw_photo) -----------------------------------
+
+# sha256 of the pixels of nine default faces, taken before `draw_photo` existed: the 128 px images of
+# the default pipeline must never change by accident (every trained model and figure rests on them).
+DEFAULT_PIXELS_SHA256 = "6a4be812fbe6e19a1446606a6ca1f58cd78296e5a5cb64afef4fe218bf43dadb"
+
+
+def test_default_faces_are_unchanged():
+    digest = hashlib.sha256()
+    for li, label in enumerate(LABELS):
+        for i in range(3):
+            digest.update(draw_face(label, [42, 0, li, i])[0].tobytes())
+    assert digest.hexdigest() == DEFAULT_PIXELS_SHA256
+    assert defaults.SYNTHETIC_SIZE == IMAGE_SIZE  # the pipeline writes the generator's own size
+
+
+def jpeg_bytes(image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_photo_size_faces_weigh_like_afhq_photos():
+    sizes = []
+    for li, label in enumerate(LABELS):
+        for i in range(2):
+            image, attrs = draw_photo(label, [42, 0, li, i], 512)
+            assert image.mode == "RGB" and image.size == (512, 512)
+            # The very drawing of draw_face, with its attributes: same class, same look once reduced.
+            small, small_attrs = draw_face(label, [42, 0, li, i])
+            assert attrs == small_attrs
+            reduced = np.asarray(image.resize(small.size, Image.Resampling.BOX), dtype=float)
+            assert np.abs(reduced - np.asarray(small, dtype=float)).mean() < 4
+            sizes.append(len(jpeg_bytes(image, PHOTO_QUALITY)))
+    # AFHQ's photos: 27 to 75 KB (median 43 KB) at this size and quality.
+    assert all(20_000 < size < 90_000 for size in sizes), sizes
+
+
+def test_photo_size_faces_are_deterministic_and_only_for_large_sizes():
+    a, b = draw_photo("wild", [1, 2, 3], 256)[0], draw_photo("wild", (1, 2, 3), 256)[0]
+    assert a.size == (256, 256) and a.tobytes() == b.tobytes()
+    assert a.tobytes() != draw_photo("wild", [1, 2, 4], 256)[0].tobytes()
+    with pytest.raises(ValueError, match="draw_face"):
+        draw_photo("cat", 0, IMAGE_SIZE)
