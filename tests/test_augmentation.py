@@ -52,7 +52,7 @@ def test_augmentation_varies_images_within_range_and_is_off_out_of_training():
     augment = Augmentation(0.05, seed=1)
     out = np.asarray(augment(images, training=True))
     assert out.shape == tuple(images.shape) and out.dtype == np.float32
-    assert 0 <= out.min() and out.max() <= 255
+    assert out.min() >= 0 and out.max() <= 255
     assert np.abs(out - images.numpy()).mean() > 1  # it does something
     assert augment(images, training=False) is images
 
@@ -63,5 +63,5 @@ def test_random_transforms_stay_in_the_layers_ranges():
     assert set(np.round(flip[:, 0, 0])) == {-1.0, 1.0}  # both sides drawn
     angles = np.degrees(np.arctan2(rotation[:, 1, 0], rotation[:, 0, 0]))
     assert np.abs(angles).max() <= 18.01  # 0.05 of a full turn
-    assert 0.95 <= zoom[:, 0, 0].min() and zoom[:, 0, 0].max() <= 1.05
+    assert zoom[:, 0, 0].min() >= 0.95 and zoom[:, 0, 0].max() <= 1.05
     assert np.abs(translation[:, :2, 2]).max() <= 0.025 * images.shape[1] + 1e-4
