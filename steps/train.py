@@ -1,12 +1,12 @@
-"""train: catalogue -> tf.data pipeline -> Keras CNN -> one MLflow run with everything logged.
+"""train: catalogue -> decoded images -> Keras network -> one MLflow run with everything logged.
 
 The story, top to bottom:
 1. read the catalogue (not the folder): file paths, labels, splits, its content hash;
-2. a tf.data pipeline that decodes each image once with pyfunc.preprocess.load_image (the same
-   function serving uses), caches it, shuffles and augments the training split only;
+2. every image decoded once, in threads, with pyfunc.preprocess.load_image (the same function
+   serving uses) into one array; a tf.data pipeline shuffles and augments the training split only;
 3. the network: our CNN (conv blocks with BatchNorm, dropout, a named embedding layer) or a
    pretrained keras.applications backbone with the same head (trained on the frozen backbone, then
-   optionally fine-tuned), early stopping;
+   optionally fine-tuned), Adam under a warm-up + cosine learning-rate schedule, early stopping;
 4. log params, per-epoch metrics, training curves, confusion matrix, classification report, the
    catalogue as the dataset input, the model card's facts, and the model as the `animal` pyfunc
    with its recommender and its familiarity statistics (pyfunc/familiarity.py).

@@ -2,8 +2,8 @@
 registered through the same gate as `train`'s.
 
 The story, top to bottom:
-1. the catalogue is read and decoded once for the whole search (train.load_data: a cached tf.data
-   pipeline); every trial builds train.build_model from a keras_tuner HyperParameters mapped onto
+1. the catalogue is read and decoded once for the whole search (train.load_data: one array of
+   decoded images); every trial builds train.build_model from a keras_tuner HyperParameters mapped onto
    train.Hyperparameters (`hyperparameters`) and trains it with train.fit;
 2. one MLflow parent run for the search; each trial runs inside a nested child run (`MlflowTrials`)
    with its hyperparameters, per-epoch metrics, final validation accuracy and status. A trial that
