@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -439,6 +440,26 @@ def _muzzle(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
 
 
 # ---------------------------------------------------------------- public API
+@dataclass(frozen=True)
+class Traits:
+    """What the face is: its class decides subtype, ears and muzzle; the rest is shared across classes."""
+
+    sub: str  # subtype: cat, dog, bigcat, wolf or fox
+    ear: str
+    muzzle: str
+    fur_name: str
+    fur: RGB
+    pattern: str
+    eye_name: str
+
+
+@dataclass(frozen=True)
+class Pose:
+    head: tuple[float, float, float, float]  # centre x, centre y, radius x, radius y
+    radius: float
+    angle: float  # degrees
+
+
 def draw_face(label: str, seed: int | list[int] | tuple[int, ...],
               size: int = IMAGE_SIZE) -> tuple[Image.Image, dict[str, str]]:
     """Draw one RGB face of `label`, fully determined by `seed` (passed to np.random.default_rng).
@@ -448,81 +469,95 @@ def draw_face(label: str, seed: int | list[int] | tuple[int, ...],
     """
     if label not in LABELS:
         raise ValueError(f"unknown label {label!r}; expected one of {LABELS}")
+    # One random stream, drawn from in a fixed order (traits, pose, background, layers, finish):
+    # reordering the calls below would change every image.
     rng = np.random.default_rng(seed)
     s = size * 2  # supersampled canvas
+    traits = _traits(rng, label)
+    pose = _pose(rng, s, traits.sub)
+    bg, bg_kind = _background(rng, s)
+    face = _face_layer(rng, s, traits, pose)
+    # Nearest is enough: the 2x reduction and the soft focus below smooth its steps, at a third of the cost
+    # of bilinear.
+    face = face.rotate(pose.angle, resample=Image.NEAREST, center=pose.head[:2])
+    bg.paste(face, (0, 0), face)
+    img = _photo_finish(rng, bg.reduce(2), size)
+    attrs = {
+        "fur_color": traits.fur_name,
+        "pattern": traits.pattern,
+        "ear_shape": traits.ear,
+        "eye_color": traits.eye_name,
+        "background": bg_kind,
+        "muzzle": traits.muzzle,
+        "subtype": traits.sub,
+    }
+    return img, attrs
 
-    if label == "wild":
-        sub = _pick(rng, {"bigcat": 2, "wolf": 1, "fox": 1})
-    else:
-        sub = label
+
+def _traits(rng: np.random.Generator, label: str) -> Traits:
+    sub = _pick(rng, {"bigcat": 2, "wolf": 1, "fox": 1}) if label == "wild" else label
     if sub == "dog":
         ear = "floppy" if rng.random() < 0.75 else "rounded"
     else:
         ear = "rounded" if sub == "bigcat" else "pointed"
     muzzle = {"cat": "short", "bigcat": "wide", "dog": "long", "wolf": "long", "fox": "long"}[sub]
-
     fur_name = _pick(rng, FUR_FREQ[label])
     fur = _jitter(rng, FUR_COLORS[fur_name], 6)
     pattern = _pick(rng, PATTERN_FREQ[label])
     eye_name = _pick(rng, EYE_FREQ[label])
+    return Traits(sub, ear, muzzle, fur_name, fur, pattern, eye_name)
 
-    # Pose: the head wanders (vertically too), scales and tilts, so classes share no fixed pixels.
+
+def _pose(rng: np.random.Generator, s: int, sub: str) -> Pose:
+    """The head wanders (vertically too), scales and tilts, so classes share no fixed pixels."""
     r = s * rng.uniform(0.24, 0.31)
     cx = s / 2 + rng.uniform(-0.15, 0.15) * s
     cy = s / 2 + rng.uniform(-0.06, 0.18) * s
     shape = {"cat": (1.0, 0.93), "dog": (0.95, 1.02), "bigcat": (1.1, 0.96),  # head width, height
              "wolf": (0.95, 0.9), "fox": (0.92, 0.88)}[sub]
     head = (cx, cy, r * shape[0] * rng.uniform(0.95, 1.05), r * shape[1] * rng.uniform(0.95, 1.05))
-    angle = rng.uniform(-10, 10)
+    return Pose(head, r, rng.uniform(-10, 10))
 
-    bg, bg_kind = _background(rng, s)
 
-    # Fur layer: ears + head (+ floppy ears); markings are masked to it.
-    fur_layer = Image.new("RGBA", (s, s), (0, 0, 0, 0))
-    d = ImageDraw.Draw(fur_layer)
-    if ear != "floppy":
-        _ears_back(d, rng, sub, ear, head, fur)
-    _oval(d, (cx, cy), head[2], head[3], fur, outline=_edge(fur), width=_stroke(r))
-    if ear == "floppy":
+def _fur_layer(rng: np.random.Generator, s: int, traits: Traits, pose: Pose) -> Image.Image:
+    """Ears + head (+ floppy ears), with the markings masked to the fur."""
+    layer = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    head, fur = pose.head, traits.fur
+    if traits.ear != "floppy":
+        _ears_back(d, rng, traits.sub, traits.ear, head, fur)
+    _oval(d, head[:2], head[2], head[3], fur, outline=_edge(fur), width=_stroke(pose.radius))
+    if traits.ear == "floppy":
         _ears_front(d, rng, head, fur)
-    marks = _pattern(rng, s, pattern, head, fur)
+    marks = _pattern(rng, s, traits.pattern, head, fur)
     if marks is not None:
-        alpha = ImageChops.multiply(marks.getchannel("A"), fur_layer.getchannel("A"))
-        marks.putalpha(alpha)
-        fur_layer.alpha_composite(marks)
+        marks.putalpha(ImageChops.multiply(marks.getchannel("A"), layer.getchannel("A")))
+        layer.alpha_composite(marks)
+    return layer
 
+
+def _face_layer(rng: np.random.Generator, s: int, traits: Traits, pose: Pose) -> Image.Image:
+    """The whole face on a transparent canvas: mane, fur, eyes, muzzle."""
+    fur = _fur_layer(rng, s, traits, pose)  # drawn first: the mane goes under it, but its draws come after
     face = Image.new("RGBA", (s, s), (0, 0, 0, 0))
-    fd = ImageDraw.Draw(face)
-    if sub == "bigcat" and rng.random() < 0.6:
-        _mane(fd, rng, head, fur)
-    face.alpha_composite(fur_layer)
-    _eyes(fd, rng, sub, head, _jitter(rng, EYE_COLORS[eye_name], 10))
-    _muzzle(fd, rng, sub, head, fur)
+    d = ImageDraw.Draw(face)
+    if traits.sub == "bigcat" and rng.random() < 0.6:
+        _mane(d, rng, pose.head, traits.fur)
+    face.alpha_composite(fur)
+    _eyes(d, rng, traits.sub, pose.head, _jitter(rng, EYE_COLORS[traits.eye_name], 10))
+    _muzzle(d, rng, traits.sub, pose.head, traits.fur)
+    return face
 
-    # Nearest is enough: the 2x reduction and the soft focus below smooth its steps, at a third of the cost
-    # of bilinear.
-    face = face.rotate(angle, resample=Image.NEAREST, center=(cx, cy))
-    bg.paste(face, (0, 0), face)
-    img = bg.reduce(2)
-    # Soft focus, like a photo (see the module docstring).
+
+def _photo_finish(rng: np.random.Generator, img: Image.Image, size: int) -> Image.Image:
+    """Soft focus, lighting and sensor noise, as a photo has them (see the module docstring)."""
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 0.9) * size / 128))
     arr = np.asarray(img, dtype=np.float32)
-    # Lighting: contrast, brightness and a colour cast (white balance), so colour sums mean little.
+    # Contrast, brightness and a colour cast (white balance), so colour sums mean little.
     arr = (arr - 128) * rng.uniform(0.8, 1.15) + 128 + rng.uniform(-20, 20)
     arr *= rng.uniform(0.92, 1.08, 3).astype(np.float32)
     arr += rng.standard_normal(arr.shape, dtype=np.float32) * rng.uniform(0.5, 2)  # faint sensor noise
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-
-    attrs = {
-        "fur_color": fur_name,
-        "pattern": pattern,
-        "ear_shape": ear,
-        "eye_color": eye_name,
-        "background": bg_kind,
-        "muzzle": muzzle,
-        "subtype": sub,
-    }
-    return img, attrs
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
 def draw_photo(label: str, seed: int | list[int] | tuple[int, ...],
