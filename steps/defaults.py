@@ -71,3 +71,10 @@ SCORE_MODEL_URI = f"models:/{MODEL_NAME}@{ALIAS}"
 SCORE_ENGINE = "local"  # or "spark"
 SPARK_MASTER = "local[*]"  # the spark engine's default: every core of this machine
 SCORE_BATCH_SIZE = 256  # images per model call: bounds memory, and what a kill can lose
+
+# team layout (`make team-up`, docs/team.md): PostgreSQL and the tracking server on this machine
+TEAM_DIR = Path(".team")  # the cluster's data, the artifacts folder, logs (git-ignored)
+TEAM_HOST = "127.0.0.1"  # 0.0.0.0 lets other machines in
+TEAM_POSTGRES_PORT = 5433  # not 5432: never collide with a system PostgreSQL
+TEAM_TRACKING_PORT = 5000
+TEAM_WORKERS = 2  # tracking-server worker processes

@@ -1,0 +1,196 @@
+"""The image store: where the pixels live, addressed by keys such as `train/cat/x.jpg`.
+
+Two kinds, one interface:
+- a folder (the one-person default, e.g. `data/images`);
+- `s3://bucket/prefix` on any S3-compatible object store (AWS S3, MinIO, Ceph, moto's server...).
+  The endpoint comes from `MLFLOW_S3_ENDPOINT_URL` or `AWS_ENDPOINT_URL` (unset: AWS itself), the
+  credentials from the usual AWS chain (environment, ~/.aws, instance role), as for MLflow's own
+  artifacts, so one set of settings serves both.
+
+The catalogue records keys relative to the store; a key never leaves it (no '..', no absolute
+path, no symlink out of a folder store).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+HASH_CHUNK = 1 << 20
+
+
+class StoreError(Exception):
+    """The store cannot be reached or used; the message is one line that says what to do."""
+
+
+def is_object_store(root: str | Path) -> bool:
+    return str(root).startswith("s3://")
+
+
+def safe_key(key: str) -> str | None:
+    """The key if it stays inside the store, else None."""
+    path = PurePosixPath(key)
+    if not key or "\\" in key or path.is_absolute() or any(part in ("", ".", "..") for part in key.split("/")):
+        return None
+    return path.as_posix()
+
+
+class FolderStore:
+    """A folder on this machine (or a shared mount)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def location(self, key: str) -> str:
+        """What readers are given: the file's absolute path."""
+        return str(self.root / key)
+
+    def _file(self, key: str) -> Path | None:
+        if safe_key(key) is None:
+            return None
+        file = (self.root / key).resolve()
+        # A symlink inside the store must not reach a file outside it either.
+        return file if file.is_relative_to(self.root) and file.is_file() else None
+
+    def read(self, key: str) -> bytes | None:
+        file = self._file(key)
+        return file.read_bytes() if file else None
+
+    def sha256(self, key: str) -> str | None:
+        file = self._file(key)
+        if file is None:
+            return None
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            while chunk := handle.read(HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def write(self, key: str, data: bytes) -> None:
+        target = self.root / _checked(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, target)  # a killed run never leaves half a file under the real name
+
+
+class ObjectStore:
+    """`s3://bucket/prefix` through boto3: the same calls reach AWS S3, MinIO or moto."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise StoreError(f"not an object store URL: {url} (expected s3://bucket/prefix)")
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def location(self, key: str) -> str:
+        return f"{self.url}/{key}"
+
+    def _object(self, key: str) -> str:
+        return f"{self.prefix}/{_checked(key)}" if self.prefix else _checked(key)
+
+    def read(self, key: str) -> bytes | None:
+        if safe_key(key) is None:
+            return None
+        body = self._call("get_object", Key=self._object(key))
+        return None if body is None else body["Body"].read()
+
+    def sha256(self, key: str) -> str | None:
+        if safe_key(key) is None:
+            return None
+        body = self._call("get_object", Key=self._object(key))
+        if body is None:
+            return None
+        digest = hashlib.sha256()
+        for chunk in body["Body"].iter_chunks(HASH_CHUNK):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def write(self, key: str, data: bytes) -> None:
+        # One PUT is atomic: readers see the old object or the new one, never half of it.
+        self._call("put_object", Key=self._object(key), Body=data)
+
+    def _call(self, operation: str, **kwargs) -> dict | None:
+        """One S3 call; None when the object does not exist, StoreError for everything else."""
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+        try:
+            return getattr(_client(), operation)(Bucket=self.bucket, **kwargs)
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404"):
+                return None
+            if code == "NoSuchBucket":
+                raise StoreError(f"the image store {self.url}: bucket {self.bucket!r} does not exist "
+                                 f"(create it, e.g. `aws s3 mb s3://{self.bucket}`)") from None
+            raise StoreError(f"the image store {self.url} refused {operation}: {code or error}") from None
+        except NoCredentialsError:
+            raise StoreError(f"the image store {self.url}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY, or a profile)") from None
+        except EndpointConnectionError:
+            raise StoreError(f"the image store {self.url} is unreachable at {endpoint() or 'AWS S3'} "
+                             "(start the object store, or set AWS_ENDPOINT_URL / MLFLOW_S3_ENDPOINT_URL)") from None
+        except BotoCoreError as error:
+            raise StoreError(f"the image store {self.url}: {error}") from None
+
+
+def _checked(key: str) -> str:
+    checked = safe_key(key)
+    if checked is None:
+        raise StoreError(f"key outside the image store: {key!r}")
+    return checked
+
+
+def endpoint() -> str | None:
+    """MLflow's variable first (it is what its artifact store uses), then boto3's own."""
+    return os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+_clients: dict[tuple[int, str | None], object] = {}
+_clients_lock = threading.Lock()
+
+
+def _client():
+    """One client per process and endpoint: boto3 clients are thread-safe, but not fork-safe."""
+    key = (os.getpid(), endpoint())
+    with _clients_lock:
+        if key not in _clients:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
+                            max_pool_connections=32)
+            _clients[key] = boto3.client("s3", endpoint_url=key[1], config=config)
+        return _clients[key]
+
+
+def open_store(root: str | Path) -> FolderStore | ObjectStore:
+    """The store at `root`: a folder path or an s3:// URL."""
+    return ObjectStore(str(root)) if is_object_store(root) else FolderStore(root)
+
+
+@functools.lru_cache(maxsize=64)
+def _store_of(root: str) -> FolderStore | ObjectStore:
+    return open_store(root)
+
+
+def read_location(location: str) -> bytes:
+    """The bytes behind a location the catalogue hands out (an absolute path or an s3:// URL)."""
+    if not is_object_store(location):
+        return Path(location).read_bytes()
+    parts = urlsplit(location)
+    data = _store_of(f"s3://{parts.netloc}").read(parts.path.lstrip("/"))
+    if data is None:
+        raise FileNotFoundError(f"not in the image store: {location}")
+    return data

@@ -1,0 +1,52 @@
+"""`python -m team up|down|status`: the team layout on this machine (make team-up / team-down)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from steps import defaults
+from team.cluster import Layout, TeamError, down, exports, postgres_running, tracking_server_answers, up
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m team", description=__doc__)
+    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("--home", type=Path, default=defaults.TEAM_DIR,
+                        help="the cluster's data, artifacts and logs")
+    parser.add_argument("--host", default=defaults.TEAM_HOST,
+                        help="where PostgreSQL and the tracking server listen (0.0.0.0: other machines too)")
+    parser.add_argument("--postgres-port", type=int, default=defaults.TEAM_POSTGRES_PORT)
+    parser.add_argument("--port", type=int, default=defaults.TEAM_TRACKING_PORT, help="the tracking server's")
+    parser.add_argument("--artifacts", default=None,
+                        help="where the server keeps artifacts: a folder (default <home>/artifacts) or s3://bucket/prefix")
+    parser.add_argument("--allowed-hosts", default=None,
+                        help="Host headers the server accepts beyond localhost and private IPs, e.g. mlflow.example.com")
+    parser.add_argument("--workers", type=int, default=defaults.TEAM_WORKERS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    layout = Layout(args.home, args.host, args.postgres_port, args.port)
+    try:
+        if args.action == "up":
+            up(layout, args.artifacts, args.allowed_hosts, args.workers)
+            (layout.home / "team.env").write_text(exports(layout))
+            print(f"team: PostgreSQL on {layout.client_host()}:{layout.postgres_port}, "
+                  f"tracking server on {layout.tracking_uri()}\n"
+                  f"use it (also in {layout.home / 'team.env'}):\n{exports(layout)}", end="")
+        elif args.action == "down":
+            down(layout)
+            print("team: stopped")
+        else:
+            print(f"PostgreSQL: {'running' if postgres_running(layout) else 'stopped'}; tracking server "
+                  f"{layout.tracking_uri()}: {'answers' if tracking_server_answers(layout.tracking_uri()) else 'down'}")
+    except TeamError as error:
+        print(f"team: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The team layout on one machine: a private PostgreSQL cluster and `mlflow server` on top of it.
+
+PostgreSQL (Debian's `postgresql` package) runs from a data folder of its own, as the `postgres`
+user when we are root (PostgreSQL refuses to run as root), on its own port, so it never touches a
+system cluster. It holds two databases: `mlflow` (runs and registry, the tracking server's backend
+store) and `animal` (the catalogue). The tracking server proxies artifacts to a folder or a bucket.
+"""
+from __future__ import annotations
+
+import glob
+import ipaddress
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import URLError
+
+from steps import defaults
+
+DATABASES = ("mlflow", "animal")  # the tracking server's store, the catalogue
+USER = "animal"  # the cluster's owner role (a superuser of this private cluster only)
+SERVICE_USER = "postgres"
+
+
+class TeamError(Exception):
+    """Something the user can fix; the message is one line that says how."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything of one team installation lives and listens."""
+
+    home: Path = defaults.TEAM_DIR
+    host: str = defaults.TEAM_HOST
+    postgres_port: int = defaults.TEAM_POSTGRES_PORT
+    tracking_port: int = defaults.TEAM_TRACKING_PORT
+
+    @property
+    def postgres_dir(self) -> Path:  # owned by the service user: data, socket, log
+        return self.home.resolve() / "postgres"
+
+    @property
+    def data(self) -> Path:
+        return self.postgres_dir / "data"
+
+    @property
+    def password_file(self) -> Path:
+        return self.home.resolve() / "postgres.password"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home.resolve() / "mlflow-server.pid"
+
+    @property
+    def tracking_log(self) -> Path:
+        return self.home.resolve() / "mlflow-server.log"
+
+    def password(self) -> str:
+        return self.password_file.read_text().strip()
+
+    def client_host(self) -> str:
+        """The address clients on this machine use (a wildcard bind is reached on loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    def database_url(self, database: str, driver: str = "postgresql") -> str:
+        return f"{driver}://{USER}:{self.password()}@{self.client_host()}:{self.postgres_port}/{database}"
+
+    def tracking_uri(self) -> str:
+        return f"http://{self.client_host()}:{self.tracking_port}"
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------------
+
+def postgres_bin(program: str) -> str:
+    """A PostgreSQL server program: Debian keeps them off PATH, under /usr/lib/postgresql/<major>/bin."""
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"), key=lambda p: int(Path(p).parts[4]))
+    if found:
+        return found[-1]
+    if shutil.which(program):
+        return shutil.which(program)
+    raise TeamError(f"PostgreSQL's {program} is not installed: run `make postgres` "
+                    "(apt-get install postgresql) and try again")
+
+
+def _as_service_user(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its programs as the postgres user."""
+    if os.geteuid() != 0:
+        return command
+    try:
+        pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        raise TeamError("running as root needs the `postgres` user that Debian's postgresql package "
+                        "creates: run `make postgres`") from None
+    return ["runuser", "-u", SERVICE_USER, "--", *command]
+
+
+def _run(command: list[str], what: str) -> str:
+    result = subprocess.run(_as_service_user(command), capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise TeamError(f"{what} failed: {detail[-1] if detail else f'exit code {result.returncode}'}")
+    return result.stdout
+
+
+def _give_to_service_user(folder: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(SERVICE_USER)
+    for path in (folder, *folder.rglob("*")):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    # The service user must be able to reach its folder: every parent must be searchable.
+    for parent in folder.parents:
+        if not os.stat(parent).st_mode & 0o001:
+            raise TeamError(f"the postgres user cannot enter {parent} (mode {oct(os.stat(parent).st_mode)[-3:]}): "
+                            "put the team folder elsewhere, e.g. TEAM_DIR=/var/lib/animal-team")
+
+
+def init_postgres(layout: Layout) -> None:
+    """Create the cluster once: password authentication on TCP, listening where the layout says."""
+    if (layout.data / "PG_VERSION").is_file():
+        return
+    layout.home.mkdir(parents=True, exist_ok=True)
+    if not layout.password_file.is_file():
+        layout.password_file.touch(mode=0o600)
+        layout.password_file.write_text(secrets.token_urlsafe(24) + "\n")
+    layout.postgres_dir.mkdir(mode=0o700, exist_ok=True)
+    (layout.postgres_dir / "run").mkdir(exist_ok=True)
+    password_copy = layout.postgres_dir / "initdb.password"
+    password_copy.write_text(layout.password() + "\n")
+    _give_to_service_user(layout.postgres_dir)
+    try:
+        _run([postgres_bin("initdb"), "-D", str(layout.data), "-U", USER, f"--pwfile={password_copy}",
+              "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"],
+             "initdb")
+    finally:
+        password_copy.unlink(missing_ok=True)
+    settings = {
+        "listen_addresses": f"'{layout.host}'",
+        "port": str(layout.postgres_port),
+        "unix_socket_directories": f"'{layout.postgres_dir / 'run'}'",
+        "max_connections": "200",  # tracking-server workers, tune workers and populates all connect
+    }
+    conf = layout.data / "postgresql.conf"
+    _append_as_service_user(conf, "".join(f"{k} = {v}\n" for k, v in settings.items()))
+    if not _loopback(layout.host):
+        # Other machines: password (scram) authentication from anywhere the firewall lets through.
+        _append_as_service_user(layout.data / "pg_hba.conf", "host all all all scram-sha-256\n")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _append_as_service_user(file: Path, text: str) -> None:
+    with file.open("a") as handle:  # root may write it; ownership stays with the service user
+        handle.write(text)
+
+
+def postgres_running(layout: Layout) -> bool:
+    if not (layout.data / "PG_VERSION").is_file():
+        return False
+    command = _as_service_user([postgres_bin("pg_ctl"), "status", "-D", str(layout.data)])
+    return subprocess.run(command, capture_output=True, check=False).returncode == 0
+
+
+def start_postgres(layout: Layout) -> None:
+    init_postgres(layout)
+    if not postgres_running(layout):
+        _run([postgres_bin("pg_ctl"), "start", "-D", str(layout.data), "-l", str(layout.postgres_dir / "postgres.log"),
+              "-w", "-t", "60"], f"starting PostgreSQL (log: {layout.postgres_dir / 'postgres.log'})")
+    _create_databases(layout)
+
+
+def _create_databases(layout: Layout) -> None:
+    import psycopg
+
+    with psycopg.connect(layout.database_url("postgres"), autocommit=True, connect_timeout=10) as conn:
+        existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+        for database in DATABASES:
+            if database not in existing:
+                # Names are our constants; CREATE DATABASE takes no parameters, hence sql.Identifier.
+                conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(database)))
+
+
+def stop_postgres(layout: Layout) -> None:
+    if postgres_running(layout):
+        _run([postgres_bin("pg_ctl"), "stop", "-D", str(layout.data), "-m", "fast", "-w", "-t", "60"],
+             "stopping PostgreSQL")
+
+
+# --- the tracking server ------------------------------------------------------------------------
+
+def start_tracking_server(layout: Layout, artifacts: str, allowed_hosts: str | None = None, workers: int = 2,
+                          timeout: float = 120) -> subprocess.Popen | None:
+    """`mlflow server` on the cluster's `mlflow` database, proxying artifacts to `artifacts` (a folder
+    or s3://bucket/prefix). Returns the process it started, or None if one was already answering."""
+    if tracking_server_answers(layout.tracking_uri()):
+        return None
+    if not artifacts.startswith("s3://"):
+        artifacts = str(Path(artifacts).resolve())
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", layout.database_url("mlflow", "postgresql+psycopg"),
+               "--artifacts-destination", artifacts,
+               "--host", layout.host, "--port", str(layout.tracking_port), "--workers", str(workers)]
+    if allowed_hosts:
+        command += ["--allowed-hosts", allowed_hosts]
+    log = layout.tracking_log.open("ab")
+    bin_dir = str(Path(sys.executable).parent)  # the server starts uvicorn/gunicorn by name
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"})
+    log.close()
+    layout.pid_file.write_text(f"{process.pid}\n")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise TeamError(f"mlflow server exited with code {process.returncode}; see {layout.tracking_log}")
+        if tracking_server_answers(layout.tracking_uri()):
+            return process
+        time.sleep(0.5)
+    stop_tracking_server(layout)
+    raise TeamError(f"mlflow server did not answer within {timeout:.0f} s; see {layout.tracking_log}")
+
+
+def tracking_server_answers(uri: str, timeout: float = 3) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (URLError, OSError):
+        return False
+
+
+def stop_tracking_server(layout: Layout, timeout: float = 30) -> bool:
+    """Stop the server this layout started (by its pid file, and only if that pid is still it)."""
+    if not layout.pid_file.is_file():
+        return False
+    pid = int(layout.pid_file.read_text().strip() or 0)
+    layout.pid_file.unlink()
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"mlflow" not in b" ".join(cmdline) or b"server" not in cmdline:
+        return False  # the pid was reused by something else: leave it alone
+    os.killpg(pid, signal.SIGTERM)  # the server and its workers (it leads its own session)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+# --- both ---------------------------------------------------------------------------------------
+
+def up(layout: Layout, artifacts: str | None = None, allowed_hosts: str | None = None, workers: int = 2) -> None:
+    start_postgres(layout)
+    start_tracking_server(layout, artifacts or str(layout.home / "artifacts"), allowed_hosts, workers)
+
+
+def down(layout: Layout) -> None:
+    stop_tracking_server(layout)
+    stop_postgres(layout)
+
+
+def exports(layout: Layout) -> str:
+    """What a client exports to use this installation (also written to <home>/team.env)."""
+    return (f"export MLFLOW_TRACKING_URI={layout.tracking_uri()}\n"
+            f"export ANIMAL_DB={layout.database_url('animal')}\n")
