@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifacts", default=None,
                         help="where the server keeps artifacts: a folder (default <home>/artifacts) or s3://bucket/prefix")
     parser.add_argument("--allowed-hosts", default=None,
-                        help="Host headers the server accepts beyond localhost and private IPs, e.g. mlflow.example.com")
+                        help="Host headers accepted beyond localhost and private IPs, e.g. mlflow.example.com")
     parser.add_argument("--workers", type=int, default=defaults.TEAM_WORKERS)
     return parser
 
