@@ -66,11 +66,8 @@ class FolderStore:
         file = self._file(key)
         if file is None:
             return None
-        digest = hashlib.sha256()
-        with file.open("rb") as handle:
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
+        with file.open("rb") as handle:  # streamed: a file is never held in memory whole
+            return hashlib.file_digest(handle, "sha256").hexdigest()
 
     def write(self, key: str, data: bytes) -> None:
         target = self.root / _checked(key)
@@ -194,3 +191,8 @@ def read_location(location: str) -> bytes:
     if data is None:
         raise FileNotFoundError(f"not in the image store: {location}")
     return data
+
+
+def root_argument(value: str) -> str | Path:
+    """argparse type for --image-store: a URL stays as given (Path would fold its '//'), a folder is a Path."""
+    return value if is_object_store(value) else Path(value)

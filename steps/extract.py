@@ -24,10 +24,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from databases.image_store import FolderStore, ObjectStore, open_store, root_argument
 from pyfunc.preprocess import ImageError, load_image
 from steps import defaults
 from steps.progress import progress
 from steps.tracking import start_run
+from team.preflight import one_line_errors
 
 log = logging.getLogger("extract")
 
@@ -64,18 +66,20 @@ class SourceImage:
 
 def extract(
     source: str,
-    image_store: Path,
+    image_store: Path | str,
     metadata_csv: Path,
     images_per_class: int = defaults.IMAGES_PER_CLASS,
     val_fraction: float = defaults.VAL_FRACTION,
     seed: int = defaults.SEED,
     synthetic_size: int = defaults.SYNTHETIC_SIZE,
 ) -> ExtractReport:
-    """Write every usable image of `source` into the store and list them all in `metadata_csv`.
+    """Write every usable image of `source` into the store (a folder or s3://bucket/prefix) and list them
+    all in `metadata_csv`.
 
     One image at a time: memory stays flat whatever the source's size, and the CSV is written as
     the images go, under a temporary name that becomes `metadata_csv` only once it is complete."""
     report = ExtractReport()
+    store = open_store(image_store)
     if source == "synthetic":
         if not MIN_SYNTHETIC_SIZE <= synthetic_size <= MAX_SYNTHETIC_SIZE:
             raise SourceError(f"synthetic_size must be {MIN_SYNTHETIC_SIZE} to {MAX_SYNTHETIC_SIZE} pixels, "
@@ -93,7 +97,7 @@ def extract(
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             for image in progress(images, total or None, "extract"):
-                row = _row(image, image_store, source_name, report)
+                row = _row(image, store, source_name, report)
                 if row:
                     writer.writerow(row)
                     rows += 1
@@ -105,7 +109,7 @@ def extract(
     return report
 
 
-def _row(image: SourceImage, image_store: Path, source_name: str, report: ExtractReport) -> dict | None:
+def _row(image: SourceImage, store: FolderStore | ObjectStore, source_name: str, report: ExtractReport) -> dict | None:
     """Check and store one image; its CSV row, or None if it is skipped."""
     try:
         width, height = _check_image(image.data)
@@ -114,7 +118,7 @@ def _row(image: SourceImage, image_store: Path, source_name: str, report: Extrac
         log.warning("skipped %s/%s/%s: %s", image.split, image.label, image.name, error)
         return None
     return {
-        "path": _store(image, image_store, report), "split": image.split, "label": image.label,
+        "path": _store(image, store, report), "split": image.split, "label": image.label,
         "sha256": hashlib.sha256(image.data).hexdigest(), "width": width, "height": height,
         "bytes": len(image.data), "source": source_name,
         "attributes": json.dumps(image.attributes, sort_keys=True),
@@ -220,37 +224,31 @@ def _check_image(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
 
 
-def _store(image: SourceImage, image_store: Path, report: ExtractReport) -> str:
-    """Write the image into the store unless it is already there; returns its relative path."""
+def _store(image: SourceImage, store: FolderStore | ObjectStore, report: ExtractReport) -> str:
+    """Write the image into the store unless it is already there; returns its relative path. Writes
+    are atomic in both kinds of store: a killed run never leaves half a file under the real name."""
     relative = f"{image.split}/{image.label}/{image.name}"
-    target = image_store / relative
-    if target.exists():
-        if target.stat().st_size == len(image.data) and target.read_bytes() == image.data:
+    existing = store.read(relative)
+    if existing is not None:
+        if existing == image.data:
             report.unchanged += 1
             return relative
         # Another image already has this name: keep both rather than overwrite one.
         stem, _, suffix = image.name.rpartition(".")
         relative = f"{image.split}/{image.label}/{stem}-{hashlib.sha256(image.data).hexdigest()[:12]}.{suffix}"
-        target = image_store / relative
-        if target.exists():
+        if store.read(relative) is not None:
             report.unchanged += 1
             return relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(target, image.data)
+    store.write(relative, image.data)
     report.written += 1
     return relative
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, target)  # a killed run never leaves half a file under the real name
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=defaults.SOURCE, help="'synthetic' or an AFHQ folder or .zip")
-    parser.add_argument("--image-store", type=Path, default=defaults.IMAGE_STORE)
+    parser.add_argument("--image-store", type=root_argument, default=defaults.IMAGE_STORE,
+                        help="a folder or s3://bucket/prefix")
     parser.add_argument("--metadata", type=Path, default=defaults.METADATA)
     parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS,
                         help="synthetic only: train + val")
@@ -261,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors("extract")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -15,12 +15,14 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
+from databases import catalogue
 from steps import defaults
 from steps.backbones import IMAGENET, NO_WEIGHTS
 from steps.defaults import ALIAS, MODEL_NAME
 from steps.register import register
 from steps.tracking import start_run
 from steps.train import MODEL_TAG, add_hyperparameter_flags, hyperparameters_from
+from team.preflight import one_line_errors
 
 PROJECT = str(Path(__file__).resolve().parents[1])
 
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", default=defaults.SOURCE, help="'synthetic' or an AFHQ folder or .zip")
     parser.add_argument("--data-dir", type=Path, default=defaults.DATA_DIR,
                         help="the image store (images/) and metadata CSV go here")
-    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
+    parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE)
     parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS)
     parser.add_argument("--synthetic-size", type=int, default=defaults.SYNTHETIC_SIZE,
                         help="synthetic only: pixels per side of the image files (512: AFHQ's)")
@@ -50,12 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors("main")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     image_store, metadata = (args.data_dir / "images").resolve(), (args.data_dir / "metadata.csv").resolve()
-    db = args.db.resolve()
+    db = args.db.resolve() if isinstance(args.db, Path) else args.db
     hp = hyperparameters_from(args)
     if hp.weights not in (IMAGENET, NO_WEIGHTS):  # a weights file: train runs in the project folder
         hp = replace(hp, weights=str(Path(hp.weights).resolve()))

@@ -1,4 +1,4 @@
-"""populate: metadata CSV -> SQLite catalogue (idempotent upsert keyed by content hash).
+"""populate: metadata CSV -> catalogue, SQLite or PostgreSQL (idempotent upsert keyed by content hash).
 
 Every row is checked against the image store first: a row whose file is missing, changed or
 outside the store, whose sizes are not positive integers, or whose content an earlier row already
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import logging
 import os
 import sqlite3
@@ -18,14 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from databases import catalogue
+from databases.image_store import FolderStore, ObjectStore, open_store, root_argument
 from steps import defaults
 from steps.progress import progress
 from steps.tracking import start_run
+from team.preflight import one_line_errors
 
 log = logging.getLogger("populate")
 
 SPLITS = ("train", "val")
-BATCH_ROWS = 1000  # rows per upsert transaction
+BATCH_ROWS = 1000  # rows per upsert statement batch (all in the run's one transaction)
 
 
 @dataclass
@@ -36,33 +37,36 @@ class PopulateReport:
     rejected: list[str] = field(default_factory=list)  # "<path>: <why>"
 
 
-def populate(metadata_csv: Path, image_store: Path, db_path: Path) -> PopulateReport:
+def populate(metadata_csv: Path, image_store: Path | str, db_path: Path | str) -> PopulateReport:
+    """The CSV's valid rows into the catalogue (a SQLite file or postgresql://...), the images checked
+    in the store (a folder or s3://bucket/prefix)."""
     if not metadata_csv.is_file():
         raise FileNotFoundError(f"metadata CSV not found: {metadata_csv} (run the extract step first)")
     report = PopulateReport()
     seen: dict[str, str] = {}  # sha256 -> path: the same content twice would flip its row's path on every run
+    store = open_store(image_store)
     conn = catalogue.connect(db_path)
     try:
-        with conn:
+        # In batches, so memory stays flat at any size, and all in one transaction: a run that fails
+        # midway leaves the catalogue as it was (store root included); the next run does it all.
+        with catalogue.transaction(conn):
             catalogue.set_store_root(conn, image_store)
-        # In batches, so memory stays flat at any size; each batch is one transaction, and a run cut
-        # short is completed by the next (the upsert is idempotent).
-        batch: list[dict] = []
-        for row in progress(_rows(metadata_csv), _count_rows(metadata_csv), "populate", unit="row"):
-            problem = _problem(row, image_store)
-            if not problem and row["sha256"] in seen:
-                problem = f"same content as {seen[row['sha256']]}"
-            elif not problem:
-                seen[row["sha256"]] = row["path"]
-            if problem:
-                report.rejected.append(f"{row.get('path')}: {problem}")
-                log.warning("not inserted: %s: %s", row.get("path"), problem)
-                continue
-            batch.append(row)
-            if len(batch) == BATCH_ROWS:
-                _upsert(conn, batch, report)
-                batch = []
-        _upsert(conn, batch, report)
+            batch: list[dict] = []
+            for row in progress(_rows(metadata_csv), _count_rows(metadata_csv), "populate", unit="row"):
+                problem = _problem(row, store)
+                if not problem and row["sha256"] in seen:
+                    problem = f"same content as {seen[row['sha256']]}"
+                elif not problem:
+                    seen[row["sha256"]] = row["path"]
+                if problem:
+                    report.rejected.append(f"{row.get('path')}: {problem}")
+                    log.warning("not inserted: %s: %s", row.get("path"), problem)
+                    continue
+                batch.append(row)
+                if len(batch) == BATCH_ROWS:
+                    _upsert(conn, batch, report)
+                    batch = []
+            _upsert(conn, batch, report)
     finally:
         conn.close()
     return report
@@ -87,13 +91,7 @@ def _upsert(conn: sqlite3.Connection, rows: list[dict], report: PopulateReport) 
         report.unchanged += counts.unchanged
 
 
-def file_sha256(file: Path) -> str:
-    """Streamed in chunks: a file is never held in memory whole, whatever its size."""
-    with file.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _problem(row: dict, image_store: Path) -> str | None:
+def _problem(row: dict, store: FolderStore | ObjectStore) -> str | None:
     """Why this CSV row cannot go into the catalogue, or None."""
     missing = [c for c in catalogue.COLUMNS if not row.get(c) and c != "attributes"]
     if missing:
@@ -106,10 +104,10 @@ def _problem(row: dict, image_store: Path) -> str | None:
     for column in ("width", "height", "bytes"):
         if not row[column].isdigit() or int(row[column]) <= 0:
             return f"{column} must be a positive integer, not {row[column]!r}"
-    file = image_store / path
-    if not file.is_file():
+    digest = store.sha256(path.as_posix())  # streamed, in either kind of store
+    if digest is None:
         return "file missing from the image store"
-    if file_sha256(file) != row["sha256"]:
+    if digest != row["sha256"]:
         return "file content differs from its sha256"
     return None
 
@@ -117,11 +115,14 @@ def _problem(row: dict, image_store: Path) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metadata", type=Path, default=defaults.METADATA)
-    parser.add_argument("--image-store", type=Path, default=defaults.IMAGE_STORE)
-    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
+    parser.add_argument("--image-store", type=root_argument, default=defaults.IMAGE_STORE,
+                        help="a folder or s3://bucket/prefix")
+    parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE,
+                        help="a SQLite file or postgresql://user@host:port/database")
     return parser
 
 
+@one_line_errors("populate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -134,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
 
         with start_run("populate"):
-            mlflow.log_params(vars(args))
+            mlflow.log_params({**vars(args), "db": catalogue.describe(args.db)})
             mlflow.log_metrics({"inserted": report.inserted, "updated": report.updated,
                                 "unchanged": report.unchanged, "rejected": len(report.rejected)})
     print(f"populate: {report.inserted} inserted, {report.updated} updated, {report.unchanged} unchanged, "
-          f"{len(report.rejected)} rejected -> {args.db}")
+          f"{len(report.rejected)} rejected -> {catalogue.describe(args.db)}")
     return 0
 
 

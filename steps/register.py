@@ -29,9 +29,11 @@ from mlflow.models import MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 
 from databases import catalogue
+from databases.image_store import read_location
 from steps import defaults, model_card
 from steps.defaults import ALIAS, MODEL_NAME, STAGE
 from steps.tracking import start_run
+from team.preflight import one_line_errors
 
 HISTORY_TAG = "production_history"  # on the registered model: one line per promotion, newest last
 HISTORY_LINES = 40
@@ -78,7 +80,7 @@ def evaluate(model_uri: str, db_path: Path, batch: int = 256, model_id: str | No
     answers = []
     for start in range(0, len(val), batch):
         files = val.file.iloc[start : start + batch]
-        answers.append(model.predict(pd.DataFrame({"image": [Path(f).read_bytes() for f in files]}), params={"k": 0}))
+        answers.append(model.predict(pd.DataFrame({"image": [read_location(f) for f in files]}), params={"k": 0}))
     answers = pd.concat(answers, ignore_index=True)
     labels = sorted({*val.label, *next((p for p in answers.probabilities if p is not None), {})})
     # An unreadable image counts as wrong: its row has no label, and no probability for the truth.
@@ -296,11 +298,12 @@ def _production_version(client: MlflowClient, name: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", required=True, help="e.g. models:/m-<id> or runs:/<run id>/model")
-    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
+    parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE)
     parser.add_argument("--name", default=MODEL_NAME)
     return parser
 
 
+@one_line_errors("register")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -36,6 +36,7 @@ import tensorflow as tf
 from sklearn.metrics import classification_report, confusion_matrix
 
 from databases import catalogue
+from databases.image_store import read_location
 from pyfunc.familiarity import Familiarity, pooled
 from pyfunc.model import EMBEDDING_LAYER, log_animal_model, with_embedding
 from pyfunc.preprocess import ImageError, load_image
@@ -43,6 +44,7 @@ from steps import backbones, defaults, model_card
 from steps.defaults import Hyperparameters
 from steps.progress import progress
 from steps.tracking import start_run
+from team.preflight import one_line_errors
 
 # Known, harmless warnings that would bury the training log.
 warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways")
@@ -108,7 +110,7 @@ def decode_files(files: list[str], image_size: int) -> np.ndarray:
 
     def read(file: str) -> np.ndarray:
         try:
-            return load_image(Path(file).read_bytes(), image_size)
+            return load_image(read_location(file), image_size)  # a file, or an object in a bucket
         except (OSError, ImageError) as error:
             raise ImageError(f"{file}: {error}") from None
 
@@ -334,7 +336,7 @@ def log_training(model: keras.Model, data: Data, history: keras.callbacks.Histor
     with tempfile.TemporaryDirectory() as workdir:
         gallery = Path(workdir) / "gallery.db"
         write_gallery(data, np.concatenate([train_out[1], val_out[1]]), gallery)
-        example = Path(data.frame[data.frame.split == "val"].file.iloc[0]).read_bytes()
+        example = read_location(data.frame[data.frame.split == "val"].file.iloc[0])
         info = log_animal_model(model, data.labels, image_size, gallery, example, Path(workdir), familiarity, taps)
     mlflow.set_tag(MODEL_TAG, info.model_uri)
     return accuracy, info.model_uri
@@ -380,10 +382,20 @@ def curves_figure(history: dict[str, list[float]]) -> plt.Figure:
     return figure
 
 
+def _catalogue_source(db_path: Path | str):
+    """A SQLite file is a path MLflow knows; a database URL is not a source type it resolves, so it
+    goes in as a tag (without its password)."""
+    if not catalogue.is_url(db_path):
+        return str(Path(db_path).resolve())
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    return CodeDatasetSource({"catalogue": catalogue.describe(db_path)})
+
+
 def log_catalogue(data: Data, db_path: Path) -> None:
     """The catalogue as the active run's dataset input (digest = its content hash), and as a tag."""
     mlflow.set_tag("catalogue_sha256", data.content_hash)
-    dataset = mlflow.data.from_pandas(data.frame.drop(columns=["file"]), source=str(db_path.resolve()),
+    dataset = mlflow.data.from_pandas(data.frame.drop(columns=["file"]), source=_catalogue_source(db_path),
                                       name="catalogue", targets="label", digest=data.content_hash[:32])
     mlflow.log_input(dataset, context="training")
 
@@ -399,7 +411,7 @@ def train(db_path: Path, image_size: int = defaults.IMAGE_SIZE, epochs: int = de
     data = load_data(db_path, image_size)
     with start_run("train") as run:
         mlflow.log_params({**asdict(hp), "image_size": image_size, "epochs": epochs, "patience": patience,
-                           "seed": seed, "db": str(db_path), "labels": json.dumps(data.labels),
+                           "seed": seed, "db": catalogue.describe(db_path), "labels": json.dumps(data.labels),
                            "train_images": len(data.y_train), "val_images": len(data.y_val)})
         log_catalogue(data, db_path)
         model = build_model(hp, image_size, len(data.labels))
@@ -422,7 +434,7 @@ def hyperparameters_from(args: argparse.Namespace) -> Hyperparameters:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
+    parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE)
     parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
     parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     parser.add_argument("--patience", type=int, default=defaults.PATIENCE, help="early stopping, in epochs")
@@ -431,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors("train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     hp = hyperparameters_from(args)

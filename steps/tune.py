@@ -41,8 +41,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from databases import catalogue
 from steps import backbones, defaults, train
 from steps.register import ALIAS, MODEL_NAME, Promotion, register
+from team.preflight import one_line_errors
 
 TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
@@ -332,7 +334,7 @@ def tag_session(launcher: str | None, parent_id: str, name: str, role: str) -> N
 
 def log_search_settings(run: mlflow.ActiveRun, settings: dict, data: train.Data, db_path: Path,
                         max_trials: int, directory: Path) -> None:
-    params = {**settings, "max_trials": max_trials, "db": str(db_path), "directory": str(directory),
+    params = {**settings, "max_trials": max_trials, "db": catalogue.describe(db_path), "directory": str(directory),
               "labels": json.dumps(data.labels), "train_images": len(data.y_train), "val_images": len(data.y_val)}
     params.pop("catalogue_sha256")  # a tag, as in `train`
     # `mlflow run` has already logged the entry point's parameters, in its own spelling: keep those.
@@ -459,7 +461,7 @@ serve it          mlflow models serve -m models:/{model_name}@{ALIAS} -p 5001 --
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE)
+    parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE)
     parser.add_argument("--max-trials", type=int, default=defaults.MAX_TRIALS)
     parser.add_argument("--epochs", type=int, default=defaults.TUNE_EPOCHS, help="per trial (Hyperband: the most per trial)")
     parser.add_argument("--tuner", choices=sorted(TUNERS), default=defaults.TUNER)
@@ -476,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors("tune")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

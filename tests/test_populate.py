@@ -132,11 +132,11 @@ def test_missing_inputs_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("size", [0, 1, 1 << 16, 3 * (1 << 20) + 7])
 def test_streamed_hash_is_the_sha256_of_the_whole_file(tmp_path, size):
-    from steps.populate import file_sha256
+    from databases.image_store import FolderStore
 
     data = random.Random(size).randbytes(size)
     (tmp_path / "f").write_bytes(data)
-    assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert FolderStore(tmp_path).sha256("f") == hashlib.sha256(data).hexdigest()
 
 
 def test_batches_change_nothing_and_stay_idempotent(extracted, tmp_path, monkeypatch):
