@@ -157,13 +157,46 @@ def register(model_uri: str, db_path: Path, name: str = MODEL_NAME) -> Promotion
     """Register a logged model (once: re-running finds the same version) and pass it through the gate."""
     client = MlflowClient()
     run_id = _run_id_of(model_uri)
-    registered = _existing_version(client, name, model_uri, run_id) or mlflow.register_model(model_uri, name)
+    existing = _existing_version(client, name, model_uri, run_id)
+    if existing is not None:
+        return _evaluate_and_gate(client, name, existing, db_path)
+    model_existed = _model_exists(client, name)
+    registered = mlflow.register_model(model_uri, name)
+    try:
+        return _evaluate_and_gate(client, name, registered, db_path)
+    except BaseException:
+        # A failure midway (the catalogue, the image store or the tracking server gone) leaves the
+        # registry as it was: the version this call created goes again.
+        _forget(client, name, str(registered.version), model_existed)
+        raise
+
+
+def _evaluate_and_gate(client: MlflowClient, name: str, registered, db_path: Path) -> Promotion:
     number = str(registered.version)
     candidate = evaluate(f"models:/{name}/{number}", db_path, model_id=model_card.logged_model_id(registered))
     client.set_model_version_tag(name, number, "val_accuracy", f"{candidate.accuracy:.4f}")
     client.set_model_version_tag(name, number, "catalogue_sha256", _catalogue_hash(db_path))
     publish_card(client, name, number, registered.run_id, candidate)
     return _gate(client, name, number, candidate, db_path, force=False)
+
+
+def _model_exists(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def _forget(client: MlflowClient, name: str, version: str, model_existed: bool) -> None:
+    try:
+        client.delete_model_version(name, version)
+        if not model_existed:
+            client.delete_registered_model(name)
+    except MlflowException as error:
+        log.warning("could not remove version %s of %s after the failure: %s", version, name, error)
 
 
 def promote(version: str, db_path: Path, force: bool = False, name: str = MODEL_NAME) -> Promotion:
@@ -214,7 +247,12 @@ def _make_production(client: MlflowClient, name: str, number: str, previous: str
     """Stage and alias to `number`, the old version archived, and the story told in tags on both
     versions and in the registered model's `production_history`."""
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    client.transition_model_version_stage(name, number, STAGE, archive_existing_versions=True)
+    # The old Production version archived by a call of its own: MLflow 3.17.2's
+    # archive_existing_versions=True fails on a PostgreSQL tracking server (mlflow/mlflow#24592).
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.current_stage == STAGE and str(version.version) != number:
+            client.transition_model_version_stage(name, version.version, "Archived")
+    client.transition_model_version_stage(name, number, STAGE)
     client.set_registered_model_alias(name, ALIAS, number)
     for key, value in {"promotion": reason, "promoted_at": when, "replaced": previous or "none"}.items():
         client.set_model_version_tag(name, number, key, value)

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "up":
             up(layout, args.artifacts, args.allowed_hosts, args.workers)
-            (layout.home / "team.env").write_text(exports(layout))
+            env_file = layout.home / "team.env"
+            env_file.touch(mode=0o600)  # it holds the database password
+            env_file.write_text(exports(layout))
             print(f"team: PostgreSQL on {layout.client_host()}:{layout.postgres_port}, "
                   f"tracking server on {layout.tracking_uri()}\n"
                   f"use it (also in {layout.home / 'team.env'}):\n{exports(layout)}", end="")

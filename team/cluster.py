@@ -69,8 +69,16 @@ class Layout:
         """The address clients on this machine use (a wildcard bind is reached on loopback)."""
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
-    def database_url(self, database: str, driver: str = "postgresql") -> str:
-        return f"{driver}://{USER}:{self.password()}@{self.client_host()}:{self.postgres_port}/{database}"
+    def database_url(self, database: str, driver: str = "postgresql", password: bool = False) -> str:
+        """Without the password by default: URLs end up in run parameters and logs; libpq takes the
+        password from PGPASSWORD (or ~/.pgpass) instead."""
+        secret = f":{self.password()}" if password else ""
+        return f"{driver}://{USER}{secret}@{self.client_host()}:{self.postgres_port}/{database}"
+
+    def client_environment(self) -> dict[str, str]:
+        """What a client process needs in its environment to use this installation."""
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri(), "ANIMAL_DB": self.database_url("animal"),
+                "PGPASSWORD": self.password()}
 
     def tracking_uri(self) -> str:
         return f"http://{self.client_host()}:{self.tracking_port}"
@@ -184,7 +192,7 @@ def start_postgres(layout: Layout) -> None:
 def _create_databases(layout: Layout) -> None:
     import psycopg
 
-    with psycopg.connect(layout.database_url("postgres"), autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(layout.database_url("postgres", password=True), autocommit=True, connect_timeout=10) as conn:
         existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
         for database in DATABASES:
             if database not in existing:
@@ -217,8 +225,9 @@ def start_tracking_server(layout: Layout, artifacts: str, allowed_hosts: str | N
         command += ["--allowed-hosts", allowed_hosts]
     log = layout.tracking_log.open("ab")
     bin_dir = str(Path(sys.executable).parent)  # the server starts uvicorn/gunicorn by name
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"})
+    # The password reaches the server in its environment, not on its command line (visible in `ps`).
+    env = {**os.environ, "PGPASSWORD": layout.password(), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     log.close()
     layout.pid_file.write_text(f"{process.pid}\n")
     deadline = time.monotonic() + timeout
@@ -278,5 +287,4 @@ def down(layout: Layout) -> None:
 
 def exports(layout: Layout) -> str:
     """What a client exports to use this installation (also written to <home>/team.env)."""
-    return (f"export MLFLOW_TRACKING_URI={layout.tracking_uri()}\n"
-            f"export ANIMAL_DB={layout.database_url('animal')}\n")
+    return "".join(f"export {name}={value}\n" for name, value in layout.client_environment().items())
