@@ -1,0 +1,470 @@
+"""Team mode against real servers on loopback, started and stopped by this module: PostgreSQL (a private
+cluster, started the way `make team-up` starts it), `mlflow server` on it with its artifacts in an
+S3-protocol bucket, and that object store (moto's server mode: the same boto3 calls reach AWS S3 or
+MinIO). Heavy, so marked `team` (`pytest -m "not team"` leaves them out); kept small: 12 images per
+class, 32 px, 1-2 epochs, 2 tune trials."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import pandas as pd
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from databases import catalogue, image_store
+from steps.extract import extract
+from steps.populate import populate
+from team.cluster import Layout, TeamError, down, postgres_bin, start_postgres, start_tracking_server
+from tests.conftest import ROOT, TINY, VENV_PATH, free_port, wait_for
+
+pytestmark = pytest.mark.team
+
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKETS = ("images", "artifacts")
+LABELS = {"cat", "dog", "wild"}
+
+
+# --- the servers ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a loopback port, with the buckets `images` and `artifacts`; the AWS
+    variables point this process (and every process it starts) at it."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("s3") / "moto.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{endpoint}/moto-api/", process, timeout=60)
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in {**AWS, "AWS_ENDPOINT_URL": endpoint}.items():
+                patch.setenv(name, value)
+            patch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+            client = boto3.client("s3", endpoint_url=endpoint)
+            for bucket in BUCKETS:
+                client.create_bucket(Bucket=bucket)
+            yield client
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def team(s3):
+    """PostgreSQL and `mlflow server` (artifacts in s3://artifacts/mlflow), as `make team-up` starts them."""
+    try:
+        postgres_bin("initdb")
+    except TeamError as error:
+        pytest.skip(str(error))
+    # Not under pytest's folders: those are 0700, and PostgreSQL runs as the postgres user.
+    home = Path(tempfile.mkdtemp(prefix="animal-team-"))
+    home.chmod(0o711)
+    layout = Layout(home, "127.0.0.1", free_port(), free_port())
+    try:
+        start_postgres(layout)
+        start_tracking_server(layout, "s3://artifacts/mlflow", workers=2, timeout=300)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PGPASSWORD", layout.password())  # in-process catalogue connections
+            yield layout
+    finally:
+        down(layout)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def fresh_database(team: Layout, name: str) -> str:
+    """An empty database on the team's cluster; its URL (password from PGPASSWORD)."""
+    import psycopg
+
+    with psycopg.connect(team.database_url("postgres"), autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {}").format(psycopg.sql.Identifier(name)))
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    return team.database_url(name)
+
+
+def team_env(team: Layout, experiment: str = "team", **extra: str) -> dict[str, str]:
+    """A client process's environment: the team's servers, none of the test session's own store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**env, **team.client_environment(), "MLFLOW_EXPERIMENT_NAME": experiment, "PATH": VENV_PATH,
+            "PYTHONPATH": str(ROOT), **extra}
+
+
+def run(command: list[str], env: dict, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command[:6])}...\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def mlflow_run(entry_point: str, parameters: dict, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local"]
+    for name, value in parameters.items():
+        command += ["-P", f"{name}={value}"]
+    return run(command, env, cwd)
+
+
+def tracking_files() -> dict[str, float | None]:
+    """The local tracking files a misdirected run would create (mtime, or None if absent)."""
+    places = [ROOT / name for name in ("mlruns", "mlflow.db", "mlartifacts")]
+    return {str(p): (p.stat().st_mtime if p.exists() else None) for p in places}
+
+
+# --- the catalogue on PostgreSQL, the image store on S3 --------------------------------------------
+
+def test_catalogue_on_postgres_holds_what_sqlite_holds(team, tmp_path):
+    images, metadata = tmp_path / "images", tmp_path / "metadata.csv"
+    extract("synthetic", images, metadata, images_per_class=4, seed=3)
+    url = fresh_database(team, "same_as_sqlite")
+    on_sqlite, on_postgres = populate(metadata, images, tmp_path / "c.db"), populate(metadata, images, url)
+    assert on_postgres.inserted == on_sqlite.inserted == 12
+    again = populate(metadata, images, url)
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 12)
+
+    sqlite_conn, conn = catalogue.connect(tmp_path / "c.db", readonly=True), catalogue.connect(url, readonly=True)
+    try:
+        columns = ["sha256", "path", "split", "label", "width", "height", "bytes", "source", "attributes", "file"]
+        frames = [catalogue.images(c)[columns].sort_values("sha256", ignore_index=True) for c in (sqlite_conn, conn)]
+        pd.testing.assert_frame_equal(*frames, check_dtype=False)
+        assert catalogue.content_hash(conn) == catalogue.content_hash(sqlite_conn)
+        assert catalogue.store_root(conn) == images.resolve()
+        first = int(catalogue.images(conn, split="val").id.iloc[0])
+        assert catalogue.image_bytes(conn, first) == (images / catalogue.image_key(conn, first)).read_bytes()
+        assert catalogue.image_key(conn, 10**9) is None and catalogue.image_key(conn, 2**63) is None
+        with pytest.raises(Exception, match="read-only"):
+            conn.exec_driver_sql("DELETE FROM images")
+    finally:
+        sqlite_conn.close()
+        conn.close()
+
+    writer = catalogue.connect(url)
+    try:
+        row = {"sha256": "a" * 64, "path": "../../etc/passwd", "split": "train", "label": "cat'; DROP TABLE images;--",
+               "width": 1, "height": 1, "bytes": 1, "source": "test", "attributes": {}}
+        assert catalogue.upsert_images(writer, [row]).inserted == 1
+        tampered = catalogue.images(writer).set_index("sha256").loc["a" * 64]
+        assert tampered.label == "cat'; DROP TABLE images;--"  # data, not SQL
+        assert catalogue.image_key(writer, int(tampered.id)) is None  # a path out of the store names nothing
+        assert catalogue.image_bytes(writer, int(tampered.id)) is None
+    finally:
+        writer.close()
+
+    with pytest.raises(catalogue.CatalogueMissing, match="run the populate step"):
+        catalogue.connect(fresh_database(team, "empty"), readonly=True)
+
+
+def test_image_store_on_s3(s3, tmp_path, monkeypatch):
+    store = image_store.open_store("s3://images/unit/")
+    assert str(store) == "s3://images/unit" and store.read("train/cat/none.jpg") is None
+    store.write("train/cat/a.jpg", b"cat")
+    assert store.read("train/cat/a.jpg") == b"cat" and store.location("train/cat/a.jpg") == "s3://images/unit/train/cat/a.jpg"
+    assert image_store.read_location("s3://images/unit/train/cat/a.jpg") == b"cat"
+    assert s3.get_object(Bucket="images", Key="unit/train/cat/a.jpg")["Body"].read() == b"cat"  # where AWS would have it
+    for outside in ("../a.jpg", "/train/cat/a.jpg", "train//a.jpg", "train/./a.jpg", "train\\a.jpg", ""):
+        assert store.read(outside) is None and store.sha256(outside) is None
+        with pytest.raises(image_store.StoreError, match="outside the image store"):
+            store.write(outside, b"x")
+
+    # extract -> s3, populate -> catalogue: keys relative to the store, readers read through it
+    metadata, db = tmp_path / "metadata.csv", tmp_path / "c.db"
+    report = extract("synthetic", "s3://images/pipeline", metadata, images_per_class=3, seed=4)
+    assert report.written == 9 and extract("synthetic", "s3://images/pipeline", metadata, images_per_class=3,
+                                           seed=4).unchanged == 9
+    assert populate(metadata, "s3://images/pipeline", db).inserted == 9
+    conn = catalogue.connect(db, readonly=True)
+    try:
+        assert catalogue.store_root(conn) == "s3://images/pipeline"
+        frame = catalogue.images(conn)
+        assert all(f.startswith("s3://images/pipeline/") for f in frame.file)
+        assert image_store.read_location(frame.file.iloc[0])[:2] == b"\xff\xd8"  # a JPEG
+        assert catalogue.image_file(conn, int(frame.id.iloc[0])) is None  # not a local file
+        assert catalogue.image_bytes(conn, int(frame.id.iloc[0]))[:2] == b"\xff\xd8"
+    finally:
+        conn.close()
+    s3.delete_object(Bucket="images", Key=f"pipeline/{frame.path.iloc[0]}")
+    assert "file missing from the image store" in populate(metadata, "s3://images/pipeline", db).rejected[0]
+
+    with pytest.raises(image_store.StoreError, match="bucket 'no-such-bucket' does not exist"):
+        image_store.open_store("s3://no-such-bucket/x").read("a.jpg")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(image_store.StoreError, match="is unreachable at http://127.0.0.1"):
+        image_store.open_store("s3://images/unit").read("train/cat/a.jpg")
+
+
+def test_two_populates_at_once_store_each_image_once(team, tmp_path):
+    """Two `populate` processes on overlapping CSVs, made to start together: the test holds a lock on
+    the table until both are inside their transactions, waiting."""
+    metadata = tmp_path / "all.csv"
+    extract("synthetic", "s3://images/concurrent", metadata, images_per_class=TINY["images_per_class"], seed=5)
+    rows = pd.read_csv(metadata)
+    half = tmp_path / "half.csv"
+    rows.iloc[::2].to_csv(half, index=False)
+    url = fresh_database(team, "concurrent")
+    catalogue.connect(url).close()  # the tables exist: the lock below has something to hold
+
+    from sqlalchemy import text
+
+    holder = catalogue._engine(url, readonly=False).connect()
+    holder.execute(text("LOCK TABLE images IN EXCLUSIVE MODE"))
+    env = team_env(team)
+    processes = [subprocess.Popen([sys.executable, "-m", "steps.populate", "--metadata", str(csv),
+                                   "--image-store", "s3://images/concurrent", "--db", url],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for csv in (metadata, half)]
+    try:
+        deadline = time.monotonic() + 300
+        waiting = 0
+        while waiting < 2 and time.monotonic() < deadline and all(p.poll() is None for p in processes):
+            time.sleep(0.2)
+            holder.execute(text("SELECT pg_stat_clear_snapshot()"))  # statistics views are frozen per transaction
+            waiting = holder.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'concurrent' "
+                "AND application_name = 'animal-faces' AND wait_event_type = 'Lock'")).scalar()
+        assert waiting == 2, "both populates should be waiting on the table at once"
+    finally:
+        holder.commit()
+        holder.close()
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    inserted = [int(out.split("populate: ")[1].split(" inserted")[0]) for out, _ in outputs]
+    assert sum(inserted) == len(rows)  # every image inserted exactly once, by one of the two
+
+    conn = catalogue.connect(url, readonly=True)
+    try:
+        frame = catalogue.images(conn)
+    finally:
+        conn.close()
+    assert len(frame) == len(rows) and frame.sha256.is_unique and set(frame.sha256) == set(rows.sha256)
+
+
+# --- the whole pipeline against the servers ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def team_pipeline(team, s3, tmp_path_factory):
+    """extract (to s3://images/e2e) -> populate (PostgreSQL) -> train -> register + promote, each as
+    `mlflow run . -e <step>` against the tracking server, from an empty working folder."""
+    work = tmp_path_factory.mktemp("team-work")
+    before = tracking_files()
+    url, metadata = fresh_database(team, "e2e"), work / "metadata.csv"
+    env = team_env(team, experiment="team-e2e")
+    mlflow_run("extract", {"source": "synthetic", "image_store": "s3://images/e2e", "metadata": metadata,
+                           "images_per_class": TINY["images_per_class"], "seed": 7}, env, work)
+    mlflow_run("populate", {"metadata": metadata, "image_store": "s3://images/e2e", "db": url}, env, work)
+    mlflow_run("train", {"db": url, "image_size": TINY["image_size"], "epochs": TINY["epochs"]}, env, work)
+    client = MlflowClient(team.tracking_uri())
+    experiment = client.get_experiment_by_name("team-e2e")
+    trained = client.search_runs([experiment.experiment_id], "tags.model_uri != ''", max_results=1)[0]
+    mlflow_run("register", {"model_uri": trained.data.tags["model_uri"], "db": url}, env, work)
+    return {"work": work, "db": url, "client": client, "experiment": experiment, "train_run": trained,
+            "env": env, "before": before}
+
+
+def test_pipeline_runs_against_the_servers_and_writes_no_local_tracking_files(team_pipeline, team, s3):
+    client, url = team_pipeline["client"], team_pipeline["db"]
+    version = client.get_model_version_by_alias("animal", "production")
+    assert version.current_stage == "Production" and version.run_id == team_pipeline["train_run"].info.run_id
+    conn = catalogue.connect(url, readonly=True)
+    try:
+        assert version.tags["catalogue_sha256"] == catalogue.content_hash(conn)
+        assert len(catalogue.images(conn)) == 3 * TINY["images_per_class"]
+    finally:
+        conn.close()
+    runs = client.search_runs([team_pipeline["experiment"].experiment_id])
+    assert len(runs) >= 4 and all(r.info.status == "FINISHED" for r in runs)
+    everything_logged = json.dumps([r.data.params for r in runs] + [r.data.tags for r in runs])
+    assert team.password() not in everything_logged  # URLs carry no password; libpq takes PGPASSWORD
+    assert s3.list_objects_v2(Bucket="artifacts", Prefix="mlflow/")["KeyCount"] > 0  # proxied to the bucket
+    # Nothing went to local tracking files: not in the working folder, not in the project.
+    work = team_pipeline["work"]
+    assert not any((work / name).exists() for name in ("mlruns", "mlflow.db", "mlartifacts"))
+    assert tracking_files() == team_pipeline["before"]
+
+
+def test_served_from_the_servers_registry(team_pipeline, tmp_path):
+    port, url = free_port(), team_pipeline["db"]
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/animal@production", "-p", str(port),
+         "-h", "127.0.0.1", "--env-manager", "local", "-w", "1"],
+        cwd=team_pipeline["work"], env=team_pipeline["env"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", process, timeout=300)
+        conn = catalogue.connect(url, readonly=True)
+        try:
+            val = catalogue.images(conn, split="val")
+        finally:
+            conn.close()
+        import base64
+
+        photo = base64.b64encode(image_store.read_location(val.file.iloc[0])).decode()
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=120,
+                                 json={"dataframe_split": {"columns": ["image"], "data": [[photo]]}, "params": {"k": 3}})
+        assert response.status_code == 200, response.text
+        answer = response.json()["predictions"][0]
+        assert answer["label"] in LABELS and answer["error"] is None
+        assert answer["similar"] and {s["id"] for s in answer["similar"]} <= set(catalogue_ids(url))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+    assert not any((team_pipeline["work"] / name).exists() for name in ("mlruns", "mlflow.db"))
+
+
+def catalogue_ids(url: str) -> list[int]:
+    conn = catalogue.connect(url, readonly=True)
+    try:
+        return catalogue.images(conn).id.tolist()
+    finally:
+        conn.close()
+
+
+def test_a_failed_register_leaves_the_registry_as_it_was(team_pipeline, team, monkeypatch):
+    """The catalogue names images in a bucket that is gone: register fails while evaluating, after it
+    created the version; the version (and the model it created) are removed again."""
+    url = fresh_database(team, "gone")
+    conn = catalogue.connect(url)
+    try:
+        with catalogue.transaction(conn):
+            catalogue.set_store_root(conn, "s3://no-such-bucket/images")
+            catalogue.upsert_images(conn, [{"sha256": "b" * 64, "path": "val/cat/x.jpg", "split": "val", "label": "cat",
+                                            "width": 1, "height": 1, "bytes": 1, "source": "t", "attributes": {}}])
+    finally:
+        conn.close()
+    client = team_pipeline["client"]
+    result = subprocess.run([sys.executable, "-m", "steps.register", "--model-uri",
+                             team_pipeline["train_run"].data.tags["model_uri"], "--db", url, "--name", "animal-failing"],
+                            cwd=team_pipeline["work"], env=team_pipeline["env"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("register: error: the image store s3://no-such-bucket")
+    assert client.search_model_versions("name = 'animal-failing'") == []
+    assert not client.search_registered_models("name = 'animal-failing'")
+    assert client.get_model_version_by_alias("animal", "production").version == "1"
+
+
+def test_a_failed_populate_leaves_the_catalogue_as_it_was(team, tmp_path, monkeypatch):
+    images, metadata = tmp_path / "images", tmp_path / "metadata.csv"
+    extract("synthetic", images, metadata, images_per_class=4, seed=8)
+    rows = pd.read_csv(metadata)
+    first = tmp_path / "first.csv"
+    rows.iloc[:5].to_csv(first, index=False)
+    url = fresh_database(team, "midway")
+    populate(first, images, url)
+    conn = catalogue.connect(url, readonly=True)
+    before = (catalogue.content_hash(conn), catalogue.store_root(conn), len(catalogue.images(conn)))
+    conn.close()
+
+    real, calls = catalogue._column_value, []
+
+    def dies_midway(row, column):
+        calls.append(column)
+        if len(calls) > 4 * len(catalogue.COLUMNS):  # after some rows are written
+            raise ConnectionError("the database went away")
+        return real(row, column)
+
+    monkeypatch.setattr(catalogue, "_column_value", dies_midway)
+    shutil.copytree(images, tmp_path / "elsewhere")
+    with pytest.raises(ConnectionError):
+        populate(metadata, tmp_path / "elsewhere", url)  # a different store root, too
+    monkeypatch.undo()
+    conn = catalogue.connect(url, readonly=True)
+    try:
+        assert (catalogue.content_hash(conn), catalogue.store_root(conn), len(catalogue.images(conn))) == before
+    finally:
+        conn.close()
+
+
+def test_distributed_tune_against_the_server(team, tmp_path):
+    """A chief and two workers (KerasTuner over gRPC on loopback), 2 trials of 1 epoch, catalogue on
+    PostgreSQL, images in the bucket, every trial a child run on the tracking server."""
+    metadata = tmp_path / "metadata.csv"
+    extract("synthetic", "s3://images/tune", metadata, images_per_class=TINY["images_per_class"], seed=9)
+    url = fresh_database(team, "tune")
+    populate(metadata, "s3://images/tune", url)
+    directory = tmp_path / "tuning"
+    command = [sys.executable, "-m", "steps.tune", "--db", url, "--max-trials", "2", "--epochs", "1",
+               "--image-size", str(TINY["image_size"]), "--tuner", "random", "--directory", str(directory)]
+    env = team_env(team, experiment="team-tune", KERASTUNER_ORACLE_IP="127.0.0.1",
+                   KERASTUNER_ORACLE_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    logs, processes = {}, {}
+
+    def start(tuner_id: str) -> None:
+        logs[tuner_id] = (tmp_path / f"{tuner_id}.log").open("w")
+        processes[tuner_id] = subprocess.Popen(command, cwd=tmp_path, env={**env, "KERASTUNER_TUNER_ID": tuner_id},
+                                               stdout=logs[tuner_id], stderr=subprocess.STDOUT)
+
+    from steps.tune import STATE_FILE
+
+    start("chief")
+    try:
+        state_file = directory / "random" / STATE_FILE
+        deadline = time.monotonic() + 300
+        while not state_file.exists() and processes["chief"].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        start("tuner0")
+        start("tuner1")
+        for name, process in processes.items():
+            assert process.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+        for log in logs.values():
+            log.close()
+
+    client = MlflowClient(team.tracking_uri())
+    parent_id = json.loads(state_file.read_text())["parent_run_id"]
+    parent = client.get_run(parent_id)
+    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    trials = [t for t in trials if "trial_id" in t.data.tags]
+    assert sorted(t.data.tags["trial_id"] for t in trials) == ["0", "1"]
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    assert {t.data.tags["tuner_id"] for t in trials} <= {"tuner0", "tuner1"}
+    assert client.search_model_versions(f"name = 'animal' AND run_id = '{parent_id}'")
+    assert not any((tmp_path / name).exists() for name in ("mlruns", "mlflow.db"))
+
+
+# --- a server down: one line that says what and how to start it ----------------------------------------
+
+def test_one_line_errors_when_a_server_is_down(s3, tmp_path):
+    images, metadata = tmp_path / "images", tmp_path / "metadata.csv"
+    extract("synthetic", images, metadata, images_per_class=2, seed=1)
+    dead = f"127.0.0.1:{free_port()}"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    base = {**base, "PATH": VENV_PATH, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    cases = {
+        "tracking server": ([sys.executable, "-m", "steps.populate", "--metadata", str(metadata), "--image-store",
+                             str(images), "--db", str(tmp_path / "c.db")],
+                            {"MLFLOW_TRACKING_URI": f"http://{dead}"},
+                            f"populate: error: the MLflow tracking server http://{dead} is unreachable"),
+        "postgres": ([sys.executable, "-m", "steps.populate", "--metadata", str(metadata), "--image-store",
+                      str(images), "--db", f"postgresql://animal@{dead}/animal"], {},
+                     f"populate: error: the catalogue database postgresql://animal@{dead}/animal is unreachable"),
+        "object store": ([sys.executable, "-m", "steps.extract", "--image-store", "s3://images/down", "--metadata",
+                          str(tmp_path / "m.csv"), "--images-per-class", "2"], {"AWS_ENDPOINT_URL": f"http://{dead}"},
+                         "extract: error: the image store s3://images/down is unreachable"),
+        "tracking server, train": ([sys.executable, "-m", "steps.train", "--db", str(tmp_path / "c.db")],
+                                   {"MLFLOW_TRACKING_URI": f"http://{dead}"},
+                                   f"train: error: the MLflow tracking server http://{dead} is unreachable"),
+    }
+    processes = {name: subprocess.Popen(command, env={**base, **env}, cwd=tmp_path, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                 for name, (command, env, _) in cases.items()}
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=600)
+        last = stderr.strip().splitlines()[-1]
+        assert process.returncode == 2 and "Traceback" not in stderr, (name, stderr[-2000:])
+        assert last.startswith(cases[name][2]), (name, last)
+        if name != "object store":
+            assert "make team-up" in last, (name, last)
