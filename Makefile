@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install install-test browser java run serve load lint test clean
+.PHONY: install install-test browser java postgres run serve load lint test clean team-up team-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 install: $(BIN)/python  ## the runtime dependencies (pinned in requirements.txt)
 	$(BIN)/pip install --quiet -r requirements.txt
 
-install-test: install browser java  ## plus what only the tests need
+install-test: install browser java postgres  ## plus what only the tests need
 	$(BIN)/pip install --quiet -r requirements-test.txt
 
 browser:  ## Debian's chromium for the real-browser test
@@ -21,6 +21,18 @@ browser:  ## Debian's chromium for the real-browser test
 
 java:  ## Debian's Java 17 for Spark (score -P engine=spark and its test; pyspark is in requirements-test.txt)
 	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; }
+
+postgres:  ## Debian's PostgreSQL server, for the team layout and its tests (it runs as the postgres user)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+# The team layout on this machine (docs/team.md): PostgreSQL + `mlflow server`; prints what to export.
+# e.g. make team-up TEAM_ARGS="--host 0.0.0.0 --artifacts s3://bucket/mlflow"
+TEAM_ARGS ?=
+team-up: install postgres  ## PostgreSQL (private cluster in .team/) and the tracking server on it
+	$(BIN)/python -m team up $(TEAM_ARGS)
+
+team-down:  ## stop what team-up started (the data stay in .team/)
+	$(BIN)/python -m team down $(TEAM_ARGS)
 
 run: install  ## the whole pipeline on the synthetic default
 	mlflow run . --env-manager local --experiment-name animal-faces

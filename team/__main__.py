@@ -1,4 +1,7 @@
-"""`python -m team up|down|status`: the team layout on this machine (make team-up / team-down)."""
+"""`python -m team up|down|status|upgrade`: the team layout on this machine (make team-up / team-down).
+
+upgrade: after installing a newer MLflow, stop the tracking server, `mlflow db upgrade` its database,
+start it again (back up first: docs/team.md)."""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +9,12 @@ import sys
 from pathlib import Path
 
 from steps import defaults
-from team.cluster import Layout, TeamError, down, exports, postgres_running, tracking_server_answers, up
+from team.cluster import Layout, TeamError, down, exports, postgres_running, tracking_server_answers, up, upgrade
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m team", description=__doc__)
-    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("action", choices=("up", "down", "status", "upgrade"))
     parser.add_argument("--home", type=Path, default=defaults.TEAM_DIR,
                         help="the cluster's data, artifacts and logs")
     parser.add_argument("--host", default=defaults.TEAM_HOST,
@@ -38,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"team: PostgreSQL on {layout.client_host()}:{layout.postgres_port}, "
                   f"tracking server on {layout.tracking_uri()}\n"
                   f"use it (also in {layout.home / 'team.env'}):\n{exports(layout)}", end="")
+        elif args.action == "upgrade":
+            upgrade(layout, args.artifacts, args.allowed_hosts, args.workers)
+            print(f"team: tracking database migrated, server back on {layout.tracking_uri()}")
         elif args.action == "down":
             down(layout)
             print("team: stopped")

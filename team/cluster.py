@@ -249,7 +249,7 @@ def tracking_server_answers(uri: str, timeout: float = 3) -> bool:
         return False
 
 
-def stop_tracking_server(layout: Layout, timeout: float = 30) -> bool:
+def stop_tracking_server(layout: Layout, timeout: float = 10) -> bool:
     """Stop the server this layout started (by its pid file, and only if that pid is still it)."""
     if not layout.pid_file.is_file():
         return False
@@ -283,6 +283,26 @@ def up(layout: Layout, artifacts: str | None = None, allowed_hosts: str | None =
 def down(layout: Layout) -> None:
     stop_tracking_server(layout)
     stop_postgres(layout)
+
+
+def upgrade_schema(layout: Layout) -> str:
+    """`mlflow db upgrade` on the tracking database (after installing a newer MLflow); its output."""
+    env = {**os.environ, "PGPASSWORD": layout.password()}
+    result = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade",
+                             layout.database_url("mlflow", "postgresql+psycopg")],
+                            capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise TeamError(f"mlflow db upgrade failed: {detail[-1] if detail else result.returncode}")
+    return result.stdout + result.stderr
+
+
+def upgrade(layout: Layout, artifacts: str | None = None, allowed_hosts: str | None = None, workers: int = 2) -> None:
+    """Stop the tracking server, migrate its database to this MLflow's schema, start it again."""
+    stop_tracking_server(layout)
+    start_postgres(layout)
+    upgrade_schema(layout)
+    start_tracking_server(layout, artifacts or str(layout.home / "artifacts"), allowed_hosts, workers)
 
 
 def exports(layout: Layout) -> str:

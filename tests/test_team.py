@@ -468,3 +468,16 @@ def test_one_line_errors_when_a_server_is_down(s3, tmp_path):
         assert last.startswith(cases[name][2]), (name, last)
         if name != "object store":
             assert "make team-up" in last, (name, last)
+
+
+def test_team_status_and_schema_upgrade(team):
+    """`python -m team status` sees both servers; `mlflow db upgrade` (the upgrade runbook's step) runs
+    against the live tracking database and, on a current schema, changes nothing."""
+    from team.cluster import upgrade_schema
+
+    args = ["--home", str(team.home), "--postgres-port", str(team.postgres_port), "--port", str(team.tracking_port)]
+    status = run([sys.executable, "-m", "team", "status", *args], {**os.environ, "PYTHONPATH": str(ROOT)}, ROOT)
+    assert "PostgreSQL: running" in status.stdout and "answers" in status.stdout
+    upgrade_schema(team)
+    assert requests.get(f"{team.tracking_uri()}/health", timeout=10).status_code == 200
+    assert MlflowClient(team.tracking_uri()).search_experiments()
