@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
+from databases import catalogue
 from steps import defaults
 from steps.register import promote
 from steps.tracking import start_run
+from team.preflight import one_line_errors
 
 
 def truthy(text: str) -> bool:
@@ -26,11 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", required=True, help="the version number to make Production")
     parser.add_argument("--force", type=truthy, default=False, help="true: promote even if it scores lower")
-    parser.add_argument("--db", type=Path, default=defaults.CATALOGUE, help="its validation split is the test")
+    parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE, help="its validation split is the test")
     parser.add_argument("--name", default=defaults.MODEL_NAME)
     return parser
 
 
+@one_line_errors("promote")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
