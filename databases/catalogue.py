@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from sqlalchemy.exc import SQLAlchemyError
 
 from databases import image_store
 
@@ -72,6 +73,10 @@ class CatalogueMissing(CatalogueError, FileNotFoundError):
 
 class CatalogueUnreachable(CatalogueError, ConnectionError):
     """The catalogue's database server does not answer."""
+
+
+# What reading the catalogue can raise when the database is missing, down or damaged, on either kind.
+DATABASE_ERRORS = (CatalogueError, sqlite3.Error, SQLAlchemyError)
 
 
 @dataclass(frozen=True)
@@ -310,10 +315,16 @@ def images(conn, split: str | None = None) -> pd.DataFrame:
 def image_key(conn, image_id: int) -> str | None:
     """The store key (relative path) of catalogue image `image_id`, or None if the catalogue does not
     name it or its recorded path would leave the store."""
-    if not 0 < image_id < 2**63:  # ids are positive 64-bit integers: a bigger one cannot even be asked
+    path = image_path(conn, image_id)  # ids are positive 64-bit integers: a bigger one cannot even be asked
+    return None if path is None else image_store.safe_key(path)
+
+
+def image_path(conn, image_id: int) -> str | None:
+    """The path the catalogue records for `image_id`, as stored (unchecked), or None if no such row."""
+    if not 0 < image_id < 2**63:
         return None
     rows = _rows(conn, "SELECT path FROM images WHERE id = :id", {"id": image_id})
-    return image_store.safe_key(rows[0]["path"]) if rows else None
+    return rows[0]["path"] if rows else None
 
 
 def image_file(conn, image_id: int) -> Path | None:
