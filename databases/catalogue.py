@@ -14,7 +14,8 @@ import json
 import os
 import sqlite3
 import threading
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,19 +209,25 @@ def _rows(conn, statement: str, params: dict | None = None) -> list:
     return rows
 
 
-def transaction(conn) -> AbstractContextManager:
-    """A block whose writes land together or not at all."""
-    if not _postgres(conn):
-        return conn
-    if conn.in_transaction():
-        conn.commit()
-    return conn.begin()
+@contextmanager
+def transaction(conn) -> Iterator[None]:
+    """A block whose writes land together or not at all (committed at its end, rolled back on error)."""
+    if _postgres(conn):
+        if conn.in_transaction():
+            conn.commit()  # a read's transaction, nothing to keep
+        with conn.begin():
+            yield
+        return
+    with conn:
+        if not conn.in_transaction:
+            conn.execute("BEGIN")  # now, so that the writes inside join it rather than commit alone
+        yield
 
 
 def _write(conn) -> AbstractContextManager:
     """Within a caller's `transaction` block, join it; otherwise one transaction of our own."""
     if not _postgres(conn):
-        return conn
+        return nullcontext() if conn.in_transaction else conn
     return nullcontext() if conn.in_transaction() else conn.begin()
 
 
@@ -251,7 +258,7 @@ def upsert_images(conn, rows: list[dict]) -> UpsertCounts:
         return _upsert_postgres(conn, rows)
     before = conn.total_changes
     inserted = updated = 0
-    with conn:
+    with _write(conn):
         for row in rows:
             values = tuple(_column_value(row, column) for column in COLUMNS)
             known = conn.execute("SELECT 1 FROM images WHERE sha256 = ?", (values[0],)).fetchone()

@@ -353,13 +353,14 @@ def test_a_failed_register_leaves_the_registry_as_it_was(team_pipeline, team, mo
     assert client.get_model_version_by_alias("animal", "production").version == "1"
 
 
-def test_a_failed_populate_leaves_the_catalogue_as_it_was(team, tmp_path, monkeypatch):
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_failed_populate_leaves_the_catalogue_as_it_was(database, request, tmp_path, monkeypatch):
     images, metadata = tmp_path / "images", tmp_path / "metadata.csv"
     extract("synthetic", images, metadata, images_per_class=4, seed=8)
     rows = pd.read_csv(metadata)
     first = tmp_path / "first.csv"
     rows.iloc[:5].to_csv(first, index=False)
-    url = fresh_database(team, "midway")
+    url = fresh_database(request.getfixturevalue("team"), "midway") if database == "postgresql" else tmp_path / "c.db"
     populate(first, images, url)
     conn = catalogue.connect(url, readonly=True)
     before = (catalogue.content_hash(conn), catalogue.store_root(conn), len(catalogue.images(conn)))
