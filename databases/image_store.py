@@ -97,11 +97,12 @@ class ObjectStore:
     def _object(self, key: str) -> str:
         return f"{self.prefix}/{_checked(key)}" if self.prefix else _checked(key)
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, max_bytes: int | None = None) -> bytes | None:
+        """The object's bytes (at most `max_bytes`, when given), or None if there is no such object."""
         if safe_key(key) is None:
             return None
         body = self._call("get_object", Key=self._object(key))
-        return None if body is None else body["Body"].read()
+        return None if body is None else body["Body"].read(max_bytes)
 
     def sha256(self, key: str) -> str | None:
         if safe_key(key) is None:

@@ -5,8 +5,10 @@ MinIO). Heavy, so marked `team` (`pytest -m "not team"` leaves them out); kept s
 class, 32 px, 1-2 epochs, 2 tune trials."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,8 @@ from databases import catalogue, image_store
 from steps.extract import extract
 from steps.populate import populate
 from team.cluster import Layout, TeamError, down, postgres_bin, start_postgres, start_tracking_server
-from tests.conftest import ROOT, TINY, VENV_PATH, free_port, wait_for
+from tests.conftest import ROOT, TINY, VENV_PATH, free_port
+from web.serve import wait_until_ready
 
 pytestmark = pytest.mark.team
 
@@ -80,6 +83,10 @@ def team(s3):
     finally:
         down(layout)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout: float) -> None:
+    assert wait_until_ready(url, process, timeout), f"{url} did not answer (exit code {process.poll()})"
 
 
 def fresh_database(team: Layout, name: str) -> str:
@@ -311,6 +318,26 @@ def test_served_from_the_servers_registry(team_pipeline, tmp_path):
         answer = response.json()["predictions"][0]
         assert answer["label"] in LABELS and answer["error"] is None
         assert answer["similar"] and {s["id"] for s in answer["similar"]} <= set(catalogue_ids(url))
+
+        # One upload through the page: catalogue on PostgreSQL, images from the bucket.
+        from web.app import create_app
+
+        page = create_app({"ANIMAL_DB": url, "IMAGE_STORE": "s3://images/e2e",
+                           "SCORING_URL": f"http://127.0.0.1:{port}/invocations"}).test_client()
+        upload = image_store.read_location(val.file.iloc[0])
+        shown = page.post("/predict", data={"image": (io.BytesIO(upload), "photo.jpg")},
+                          content_type="multipart/form-data")
+        assert shown.status_code == 200, shown.text
+        similar = [int(i) for i in re.findall(r'src="/images/(\d+)"', shown.text)]
+        assert similar and set(similar) <= set(catalogue_ids(url))
+        served = page.get(f"/images/{similar[0]}")
+        conn = catalogue.connect(url, readonly=True)
+        try:
+            assert served.status_code == 200 and served.data == catalogue.image_bytes(conn, similar[0])
+        finally:
+            conn.close()
+        assert page.get("/images/999999").status_code == 404
+        assert page.get("/healthz").get_json()["catalogue"]["readable"] is True
     finally:
         process.terminate()
         try:
@@ -438,7 +465,7 @@ def test_distributed_tune_against_the_server(team, tmp_path):
 
 # --- a server down: one line that says what and how to start it ----------------------------------------
 
-def test_one_line_errors_when_a_server_is_down(s3, tmp_path):
+def test_one_line_errors_when_a_server_is_down(s3, tmp_path, monkeypatch):
     images, metadata = tmp_path / "images", tmp_path / "metadata.csv"
     extract("synthetic", images, metadata, images_per_class=2, seed=1)
     dead = f"127.0.0.1:{free_port()}"
@@ -469,6 +496,19 @@ def test_one_line_errors_when_a_server_is_down(s3, tmp_path):
         assert last.startswith(cases[name][2]), (name, last)
         if name != "object store":
             assert "make team-up" in last, (name, last)
+
+    # The page: catalogue database or object store down is a 503 page, never a trace.
+    from web.app import create_app
+
+    page = create_app({"ANIMAL_DB": f"postgresql://animal@{dead}/animal", "IMAGE_STORE": "s3://images/down",
+                       "SCORING_URL": f"http://{dead}/invocations"}).test_client()
+    assert page.get("/images/1").status_code == 503 and b"Traceback" not in page.get("/images/1").data
+    assert page.get("/healthz").get_json()["catalogue"]["readable"] is False
+    populate(metadata, images, tmp_path / "c.db")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{dead}")
+    page = create_app({"ANIMAL_DB": str(tmp_path / "c.db"), "IMAGE_STORE": "s3://images/down",
+                       "SCORING_URL": f"http://{dead}/invocations"}).test_client()
+    assert page.get("/images/1").status_code == 503
 
 
 def test_team_status_and_schema_upgrade(team):

@@ -21,6 +21,7 @@ from flask import Flask, Request, Response, abort, current_app, jsonify, render_
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from databases import catalogue
+from databases.image_store import StoreError
 from pyfunc.preprocess import ImageError, open_image
 from steps import defaults
 from web.model_info import ModelInfo
@@ -158,6 +159,9 @@ def image(image_id: int) -> Response:
         mimetype = MIME[image_format(data)]
     except (NotInStore, ImageError, KeyError) as error:
         refuse(image_id, str(error) or "not an image type a browser shows")
+    except StoreError as error:  # an object store that does not answer (team layout)
+        log.warning("image store unavailable: %s", error)
+        abort(503, description="The image store is not available.")
     return send_file(io.BytesIO(data), mimetype=mimetype, max_age=IMAGE_MAX_AGE,
                      etag=hashlib.sha256(data).hexdigest()[:32])
 
@@ -219,7 +223,7 @@ def predict(upload: bytes) -> dict:
 def open_catalogue() -> sqlite3.Connection:
     try:
         return catalogue.connect(current_app.config["ANIMAL_DB"], readonly=True)
-    except (FileNotFoundError, sqlite3.Error) as error:
+    except catalogue.DATABASE_ERRORS as error:  # SQLite or PostgreSQL: missing, down, damaged
         log.warning("catalogue unavailable: %s", error)
         abort(503, description="The image catalogue is not available.")
 
@@ -233,8 +237,12 @@ def catalogue_key(image_id: int) -> object:
     try:
         # The raw bytes and the declared type: a row that is not valid text is an odd row (404),
         # not a decoding error of the whole catalogue (503).
-        row = conn.execute("SELECT typeof(path), CAST(path AS BLOB) FROM images WHERE id = ?", (image_id,)).fetchone()
-    except sqlite3.Error as error:
+        if catalogue.is_url(current_app.config["ANIMAL_DB"]):  # PostgreSQL: path is a TEXT column
+            path = catalogue.image_path(conn, image_id)
+            row = None if path is None else ("text", path.encode("utf-8"))
+        else:
+            row = conn.execute("SELECT typeof(path), CAST(path AS BLOB) FROM images WHERE id = ?", (image_id,)).fetchone()
+    except catalogue.DATABASE_ERRORS as error:
         log.warning("catalogue unreadable: %s", error)
         abort(503, description="The image catalogue cannot be read.")
     finally:
@@ -253,12 +261,12 @@ def catalogue_key(image_id: int) -> object:
 def catalogue_readable() -> bool:
     try:
         conn = catalogue.connect(current_app.config["ANIMAL_DB"], readonly=True)
-    except (FileNotFoundError, sqlite3.Error):
+    except catalogue.DATABASE_ERRORS:
         return False
     try:
-        conn.execute("SELECT 1 FROM images LIMIT 1").fetchall()
+        catalogue.image_path(conn, 1)  # reads the images table, on either database
         return True
-    except sqlite3.Error:
+    except catalogue.DATABASE_ERRORS:
         return False
     finally:
         conn.close()

@@ -26,6 +26,8 @@ from typing import IO
 
 import requests
 
+from databases import catalogue
+from databases.image_store import is_object_store
 from steps import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,10 +113,10 @@ def start_page_server(scoring_url: str, port: int | None = None, host: str = "12
     port = port or free_port(host)
     invocations = scoring_url if scoring_url.endswith("/invocations") else f"{scoring_url.rstrip('/')}/invocations"
     settings = {"SCORING_URL": invocations, **{key: str(value) for key, value in config.items()}}
-    if db is not None:
-        settings["ANIMAL_DB"] = str(Path(db).resolve())
-    if image_store is not None:
-        settings["IMAGE_STORE"] = str(Path(image_store).resolve())
+    if db is not None:  # a SQLite file, or a postgresql:// URL (team layout)
+        settings["ANIMAL_DB"] = str(db) if catalogue.is_url(db) else str(Path(db).resolve())
+    if image_store is not None:  # a folder, or s3://bucket/prefix
+        settings["IMAGE_STORE"] = str(image_store) if is_object_store(image_store) else str(Path(image_store).resolve())
     command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "-b", f"{host}:{port}"]
     command += (["-w", str(workers)] if workers else []) + (["--threads", str(threads)] if threads else [])
     return _start("the page", command + ["web.app:app"], server_env(**settings), f"http://{host}:{port}", "/", log)
@@ -184,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scoring-port", type=int, default=5001)
     parser.add_argument("--workers", type=int, default=1, help="scoring server workers (about 780 MB each)")
     parser.add_argument("--image-store", default=os.environ.get("IMAGE_STORE", str(defaults.IMAGE_STORE)),
-                        help="the folder the page serves catalogue images from")
+                        help="where the page reads catalogue images: a folder or s3://bucket/prefix")
     parser.add_argument("--db", default=os.environ.get("ANIMAL_DB", str(defaults.CATALOGUE)), help="the catalogue")
     parser.add_argument("--wait", type=float, default=300, help="seconds to wait for the scoring server")
     return parser

@@ -80,9 +80,30 @@ class LocalStore:
             os.close(fd)
 
 
+class BucketStore:
+    """s3://bucket/prefix on an S3-compatible object store (the team layout, docs/team.md), through
+    databases.image_store (boto3; endpoint from MLFLOW_S3_ENDPOINT_URL / AWS_ENDPOINT_URL). Keys are
+    checked here as for a folder; an unreachable store raises image_store.StoreError (the page: 503)."""
+
+    def __init__(self, url: str):
+        from databases.image_store import ObjectStore
+
+        self.bucket = ObjectStore(url)
+
+    def read(self, key: object) -> bytes:
+        data = self.bucket.read(safe_key(key).as_posix(), max_bytes=MAX_FILE_BYTES + 1)
+        if data is None:
+            raise NotInStore("there is no such object in the image store")
+        if len(data) > MAX_FILE_BYTES:
+            raise NotInStore(f"the file is larger than {MAX_FILE_BYTES // 2**20} MB")
+        return data
+
+
 def open_store(location: str | Path) -> ImageStore:
-    """The store at `location` (a folder). Other kinds (s3://bucket/prefix) plug in here."""
+    """The store at `location`: a folder, or s3://bucket/prefix."""
     text = str(location)
+    if text.startswith("s3://"):
+        return BucketStore(text)
     if "://" in text:
-        raise ValueError(f"IMAGE_STORE {text!r}: only a local folder is supported by the page so far")
+        raise ValueError(f"IMAGE_STORE {text!r}: a folder or s3://bucket/prefix")
     return LocalStore(text)
