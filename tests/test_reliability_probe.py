@@ -378,9 +378,10 @@ def test_decoding_stays_within_the_bound(name):
 
 
 def test_store_for_issue_12_plugs_in_by_location(tmp_path):
-    from web.store import LocalStore, open_store
+    from web.store import BucketStore, LocalStore, open_store
 
     assert isinstance(open_store(tmp_path), LocalStore)
-    with pytest.raises(ValueError, match="only a local folder"):
-        open_store("s3://bucket/prefix")
+    assert isinstance(open_store("s3://bucket/prefix"), BucketStore)  # issue 12 plugged in (tests/test_team.py)
+    with pytest.raises(ValueError, match="a folder or s3://"):
+        open_store("ftp://host/images")
     assert Path(open_store(tmp_path).root) == tmp_path.resolve()
