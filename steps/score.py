@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from steps import defaults
 from steps.tracking import start_run
+from team.preflight import one_line_errors
 
 # What the pyfunc decodes (pyfunc/preprocess.py FORMATS); other files in a folder or .zip are
 # ignored and counted, so that sidecar files (.xmp, .txt, Thumbs.db) do not fill the table.
@@ -846,6 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors("score")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

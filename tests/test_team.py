@@ -348,6 +348,24 @@ def test_served_from_the_servers_registry(team_pipeline, tmp_path):
     assert not any((team_pipeline["work"] / name).exists() for name in ("mlruns", "mlflow.db"))
 
 
+def test_batch_scoring_with_the_servers_model(team_pipeline, tmp_path):
+    """`score` on a folder of photos, with models:/animal@production from the tracking server."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    conn = catalogue.connect(team_pipeline["db"], readonly=True)
+    try:
+        for row in catalogue.images(conn, split="val").head(3).itertuples():
+            (photos / f"{row.id}.jpg").write_bytes(image_store.read_location(row.file))
+    finally:
+        conn.close()
+    output = tmp_path / "scores.csv"
+    run([sys.executable, "-m", "steps.score", "--input", str(photos), "--output", str(output)],
+        team_pipeline["env"], tmp_path)
+    scores = pd.read_csv(output)
+    assert len(scores) == 3 and set(scores.label) <= LABELS and scores.error.isna().all()
+    assert not any((tmp_path / name).exists() for name in ("mlruns", "mlflow.db"))
+
+
 def catalogue_ids(url: str) -> list[int]:
     conn = catalogue.connect(url, readonly=True)
     try:
