@@ -63,6 +63,12 @@ SET_SETTING = {
                   "WHERE settings.value IS DISTINCT FROM excluded.value",
 }
 
+# The same order on both: PostgreSQL would otherwise sort by its locale.
+CONTENT_HASH_QUERY = {
+    "sqlite": "SELECT sha256, split, label FROM images ORDER BY sha256",
+    "postgresql": 'SELECT sha256, split, label FROM images ORDER BY sha256 COLLATE "C"',
+}
+
 
 class CatalogueError(Exception):
     """The catalogue cannot be used; the message is one line that says what to do."""
@@ -358,8 +364,7 @@ def image_bytes(conn, image_id: int, store: str | Path | None = None) -> bytes |
 def content_hash(conn) -> str:
     """A digest of what the catalogue holds (which images, in which split, with which label); the
     same on SQLite and PostgreSQL for the same rows."""
-    order = 'sha256 COLLATE "C"' if _postgres(conn) else "sha256"
     digest = hashlib.sha256()
-    for row in _rows(conn, f"SELECT sha256, split, label FROM images ORDER BY {order}"):
+    for row in _rows(conn, CONTENT_HASH_QUERY["postgresql" if _postgres(conn) else "sqlite"]):
         digest.update(f"{row['sha256']},{row['split']},{row['label']}\n".encode())
     return digest.hexdigest()
