@@ -52,8 +52,8 @@ test: install-test lint  ## lint, then the whole test suite
 clean:  ## generated data, catalogue, runs (not the venv)
 	rm -rf data databases/*.db databases/*.db-* mlflow.db mlruns mlartifacts outputs
 
-# Benchmarks: each runs ours and the naive way side by side and prints a table (README, "Performance").
-BENCHES := serving training recommender accuracy batch_scoring
+# Benchmarks: each prints measured figures as tables (docs/performance.md).
+BENCHES := serving training recommender accuracy batch_scoring unfamiliar decoding limits slow_clients
 .PHONY: bench $(addprefix bench-,$(BENCHES))
 bench: $(addprefix bench-,$(BENCHES))  ## every benchmark, one after the other
 $(addprefix bench-,$(BENCHES)): bench-%: install  ## one benchmark, e.g. make bench-serving

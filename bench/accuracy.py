@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bench.common import RESULTS, ROOT, catalogue_rows, machine, setup, table
+from steps import defaults
 
 AFHQ_SAMPLE = ROOT.parent / "shared" / "data" / "afhq-sample"
 
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", type=Path, help="its catalogue, with --model-uri (default: databases/animal.db)")
     parser.add_argument("--photos", type=Path, default=AFHQ_SAMPLE, help="real photos laid out {split}/{label}/*")
     parser.add_argument("--workdir", type=Path, default=RESULTS / "pipeline")
-    parser.add_argument("--images-per-class", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS)
+    parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     args = parser.parse_args(argv)
 
     model = setup(args.model_uri, args.workdir, args.images_per_class, epochs=args.epochs, db=args.db)

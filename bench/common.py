@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from steps import defaults
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"  # git-ignored: plots and the benchmarks' own pipeline run
 MODEL_NAME, STAGE = "animal", "Production"
@@ -72,8 +74,8 @@ def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
 
 
-def setup(model_uri: str | None = None, workdir: Path = RESULTS / "pipeline", images_per_class: int = 600,
-          image_size: int = 64, epochs: int = 20, db: Path | None = None) -> Setup:
+def setup(model_uri: str | None = None, workdir: Path = RESULTS / "pipeline", images_per_class: int = defaults.IMAGES_PER_CLASS,
+          image_size: int = defaults.IMAGE_SIZE, epochs: int = defaults.EPOCHS, db: Path | None = None) -> Setup:
     """The model to measure (see the module docstring); sets MLflow's tracking URI to its store."""
     import mlflow
 
@@ -109,7 +111,7 @@ def _registered(store: Path, db: Path) -> Setup | None:
     return Setup(uri, f"models:/{MODEL_NAME}/{STAGE}", db, str(store))
 
 
-def catalogue_db(workdir: Path = RESULTS / "pipeline", images_per_class: int = 600) -> Path:
+def catalogue_db(workdir: Path = RESULTS / "pipeline", images_per_class: int = defaults.IMAGES_PER_CLASS) -> Path:
     """The project's catalogue if `make run` made one, else synthetic data extracted into workdir."""
     project = ROOT / "databases" / "animal.db"
     return project if project.is_file() else _synthetic_catalogue(workdir, images_per_class)

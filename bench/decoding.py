@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from bench.common import ROOT, machine, table
+from steps import defaults
 
 MEASURE = r"""
 import json, sys
@@ -109,7 +110,7 @@ FORMATS: dict[str, Callable[[int, int], bytes]] = {
 }
 
 
-def peak_bytes(data: bytes, image_size: int = 64, root: Path = ROOT) -> int:
+def peak_bytes(data: bytes, image_size: int = defaults.IMAGE_SIZE, root: Path = ROOT) -> int:
     """The peak memory (bytes) that decoding `data` adds to a fresh process (with the project's
     code at `root`: another checkout compares an older version)."""
     with tempfile.NamedTemporaryFile(suffix=".img") as file:

@@ -27,6 +27,7 @@ import numpy as np
 
 from bench.common import RESULTS, catalogue_rows, machine, percentiles, setup, table
 from pyfunc.recommender import Recommender, write_gallery
+from steps import defaults
 
 LABELS = ("cat", "dog", "wild")
 K = 5
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-uri", help="default: models:/animal/Production (made here if none)")
     parser.add_argument("--db", type=Path, help="its catalogue, with --model-uri (default: databases/animal.db)")
     parser.add_argument("--workdir", type=Path, default=RESULTS / "pipeline")
-    parser.add_argument("--images-per-class", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS)
+    parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     parser.add_argument("--dim", type=int, help="embedding width (default: the model's, train.Hyperparameters)")
     parser.add_argument("--no-quality", action="store_true", help="speed only (no model needed)")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import RESULTS, catalogue_rows, machine, percentiles, setup, table
+from steps import defaults
 from web.serve import Served, start_scoring_server
 
 WAYS = ("ours", "baseline")
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="server workers, the same for both")
     parser.add_argument("--workdir", type=Path, default=RESULTS / "pipeline",
                         help="where to make a model if none is registered")
-    parser.add_argument("--images-per-class", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS)
+    parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     parser.add_argument("--plot", type=Path, default=RESULTS / "serving_latency.png")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]

@@ -16,9 +16,10 @@ import time
 import numpy as np
 from PIL import Image
 
+from steps import defaults
 from steps.synthetic import LABELS, draw_face
 
-SIDE = 64  # the network's input size
+SIDE = defaults.IMAGE_SIZE  # the network's input size
 
 
 def make_split(split: int, per_class: int, base_seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str], float]:
@@ -73,7 +74,7 @@ def cnn_curve(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.nda
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--per-class", type=int, default=600, help="training images per class")
+    ap.add_argument("--per-class", type=int, default=defaults.IMAGES_PER_CLASS, help="training images per class")
     ap.add_argument("--test-per-class", type=int, default=150, help="test images per class")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0, help="Keras seed for the CNN")

@@ -279,7 +279,8 @@ def fit(model: keras.Model, data: Data, hp: Hyperparameters, epochs: int, patien
     `initial_epoch`: for tuning (Hyperband), which continues a model trained for that many epochs."""
     train, val = pipelines(data, hp, seed)
     compile_model(model, hp, steps_per_epoch=-(-len(data.y_train) // hp.batch_size), epochs=epochs - initial_epoch)
-    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
+    # patience 0: no early stopping, but the best epoch's weights are still the ones kept.
+    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience or epochs, restore_best_weights=True)
     return model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
                      callbacks=[stop, *(callbacks or [])], verbose=1 if sys.stdout.isatty() else 2)
 
@@ -437,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE)
     parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
     parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
-    parser.add_argument("--patience", type=int, default=defaults.PATIENCE, help="early stopping, in epochs")
+    parser.add_argument("--patience", type=int, default=defaults.PATIENCE, help="early stopping, in epochs; 0: off")
     parser.add_argument("--seed", type=int, default=defaults.SEED)
     add_hyperparameter_flags(parser)
     return parser
