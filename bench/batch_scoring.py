@@ -27,13 +27,13 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from bench.common import RESULTS, ROOT, VENV_PATH, free_port, machine, setup, table
+from bench.common import RESULTS, ROOT, machine, setup, table, tree_rss_mb
+from web.serve import server_env
 
 WORKDIR = RESULTS / "batch_scoring"
 SCORED = re.compile(r"\(([\d,]+) scored now in ([\d.]+) s")
@@ -86,47 +86,20 @@ class TreeMemory:
     """Peak resident memory of a process and all its descendants, sampled in a thread."""
 
     def __init__(self, pid: int, every: float = 0.2):
-        self.pid, self.every, self.peak_kb = pid, every, 0
+        self.pid, self.every, self.peak_mb = pid, every, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, sum(_rss_kb(pid) for pid in _tree(self.pid)))
+            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.pid))
             self._stop.wait(self.every)
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
-        return self.peak_kb / 1024
-
-
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack += children.get(pid, [])
-    return found
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        return self.peak_mb
 
 
 def run_score(way: str, source: Path, model_uri: str, tracking_uri: str, *extra: str) -> Measured:
@@ -135,7 +108,7 @@ def run_score(way: str, source: Path, model_uri: str, tracking_uri: str, *extra:
         subprocess.run(["rm", "-rf", str(stale)], check=True)
     command = [sys.executable, "-m", "steps.score", "--input", str(source), "--output", str(output),
                "--model-uri", model_uri, *extra]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": VENV_PATH}
+    env = server_env(MLFLOW_TRACKING_URI=tracking_uri)
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True)
@@ -151,17 +124,13 @@ def run_score(way: str, source: Path, model_uri: str, tracking_uri: str, *extra:
 
 
 def run_naive(files: list[Path], model_uri: str) -> Measured:
-    from web.serve import start_scoring_server, stop, wait_until_ready
+    """One HTTP request per image to `mlflow models serve`, as the seed's client did."""
+    from web.serve import scoring_server
 
-    port = free_port()
     started = time.monotonic()
-    with _output_to(WORKDIR / "naive_server.log"):  # the server's request log would bury the table
-        server = start_scoring_server(model_uri, "127.0.0.1", port, workers=1)
-    memory = TreeMemory(server.pid)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_until_ready(f"{url}/ping", server, 300):
-            raise RuntimeError("the scoring server did not start")
+    # Its request log goes to a file: it would bury the table.
+    with scoring_server(model_uri, log=WORKDIR / "naive_server.log") as server:
+        memory = TreeMemory(server.process.pid)
         session = requests.Session()
         errors = 0
 
@@ -169,7 +138,7 @@ def run_naive(files: list[Path], model_uri: str) -> Measured:
             nonlocal errors
             body = {"dataframe_split": {"columns": ["image"],
                                         "data": [[base64.b64encode(path.read_bytes()).decode("ascii")]]}}
-            reply = session.post(f"{url}/invocations", json=body, timeout=60)
+            reply = session.post(f"{server.url}/invocations", json=body, timeout=60)
             errors += not reply.ok or reply.json()["predictions"][0].get("error") is not None
 
         for path in files[:20]:  # warm-up, not measured
@@ -178,28 +147,9 @@ def run_naive(files: list[Path], model_uri: str) -> Measured:
         for path in files:
             ask(path)
         seconds = time.monotonic() - begin
-    finally:
-        stop(server)
+        peak = memory.stop()
     return Measured("naive: one HTTP request per image", len(files), seconds, time.monotonic() - started,
-                    memory.stop(), errors)
-
-
-@contextmanager
-def _output_to(log: Path):
-    """Point this process's stdout and stderr at `log` while a child process is started (it inherits them)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "w") as handle:
-        os.dup2(handle.fileno(), 1)
-        os.dup2(handle.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+                    peak, errors)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from bench.common import tree_rss_mb
 from web.serve import Served, server_env, start_page_server, start_scoring_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,35 +51,7 @@ LABELS = {"cat", "dog", "wild"}
 
 def rss_mb(server: Served) -> float:
     """Resident memory of the server and every process it started (gunicorn and uvicorn workers)."""
-    return sum(_vm_rss_kb(pid) for pid in _process_tree(server.process.pid)) / 1024
-
-
-def _process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children[ppid].append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def _vm_rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return tree_rss_mb(server.process.pid)
 
 
 def image_store(db: Path) -> Path:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +84,32 @@ def scoring_server(pipeline, tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with serve("models:/animal/Production", wait=180, tracking_uri=pipeline.tracking_uri, log=log) as served:
         yield served.url
+
+
+def run_distributed_tune(command: list[str], env: dict, cwd: Path, logs_dir: Path, state_file: Path,
+                         timeout: float) -> None:
+    """KerasTuner's distributed mode on loopback: the chief first (it writes `state_file` once it
+    serves the oracle), then two workers; fails with the last lines of the log of any that fails."""
+    logs, processes = {}, {}
+
+    def start(tuner_id: str) -> None:
+        logs[tuner_id] = (logs_dir / f"{tuner_id}.log").open("w")
+        processes[tuner_id] = subprocess.Popen(command, cwd=cwd, env={**env, "KERASTUNER_TUNER_ID": tuner_id},
+                                               stdout=logs[tuner_id], stderr=subprocess.STDOUT)
+
+    start("chief")
+    try:
+        deadline = time.monotonic() + timeout
+        while not state_file.exists() and processes["chief"].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        start("tuner0")
+        start("tuner1")
+        for name, process in processes.items():
+            assert process.wait(timeout=timeout) == 0, (logs_dir / f"{name}.log").read_text()[-3000:]
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+        for log in logs.values():
+            log.close()
+

@@ -72,8 +72,8 @@ def test_no_module_sets_the_tensorflow_environment_but_pyfunc():
     assert "ONEDNN" not in (ROOT / "Makefile").read_text()
 
 
-def test_main_forwards_every_train_parameter(monkeypatch, tmp_path):
-    """`mlflow run . -P conv_blocks=4` on main reaches train (the steps themselves are not run here)."""
+def run_main(monkeypatch, tmp_path, *args: str) -> dict[str, dict]:
+    """steps.main with its steps replaced by a recorder: {entry point: the parameters it was given}."""
     from steps import main as pipeline
 
     sent: dict[str, dict] = {}
@@ -88,8 +88,20 @@ def test_main_forwards_every_train_parameter(monkeypatch, tmp_path):
 
     promotion = type("Promotion", (), {"accuracy": 1.0, "promoted": True, "version": "1", "reason": "test"})()
     monkeypatch.setattr(pipeline, "run_step", fake_step)
-    monkeypatch.setattr(pipeline, "register", lambda model_uri, db: promotion)
-    assert pipeline.main(["--conv-blocks", "4", "--learning-rate", "0.001", "--db", str(tmp_path / "c.db")]) == 0
+    monkeypatch.setattr(pipeline, "register", lambda *args, **kwargs: promotion)
+    assert pipeline.main([*args, "--db", str(tmp_path / "c.db"), "--data-dir", str(tmp_path)]) == 0
+    return sent
+
+
+def test_main_forwards_every_train_parameter(monkeypatch, tmp_path):
+    """`mlflow run . -P conv_blocks=4` on main reaches train (the steps themselves are not run here)."""
+    sent = run_main(monkeypatch, tmp_path, "--conv-blocks", "4", "--learning-rate", "0.001")
     expected = {**asdict(defaults.Hyperparameters()), "conv_blocks": 4, "learning_rate": 0.001}
     assert {name: sent["train"][name] for name in expected} == expected
     assert sent["train"]["epochs"] == defaults.EPOCHS and sent["train"]["patience"] == defaults.PATIENCE
+
+
+def test_main_forwards_synthetic_size_to_extract(monkeypatch, tmp_path):
+    """`mlflow run . -P images_per_class=5000 -P synthetic_size=512` reaches extract."""
+    sent = run_main(monkeypatch, tmp_path, "--images-per-class", "5000", "--synthetic-size", "512")
+    assert sent["extract"]["synthetic_size"] == 512 and sent["extract"]["images_per_class"] == 5000

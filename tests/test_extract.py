@@ -212,25 +212,3 @@ def test_a_failed_run_leaves_the_previous_csv_whole(tmp_path, monkeypatch):
         extract("synthetic", tmp_path / "images", tmp_path / "meta.csv", images_per_class=3, seed=3)
     assert (tmp_path / "meta.csv").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "meta.csv"]  # no partial file left
-
-
-def test_main_forwards_synthetic_size_to_extract(monkeypatch, tmp_path):
-    """`mlflow run . -P images_per_class=5000 -P synthetic_size=512` reaches extract."""
-    from steps import main as pipeline
-
-    sent: dict[str, dict] = {}
-
-    class Finished:  # what run_step returns: a finished run with the model's tag
-        data = type("data", (), {"tags": {pipeline.MODEL_TAG: "models:/m-test"}})()
-        info = type("info", (), {"run_id": "r"})()
-
-    def fake_step(entry_point: str, parameters: dict):
-        sent[entry_point] = parameters
-        return Finished()
-
-    promotion = type("Promotion", (), {"accuracy": 1.0, "promoted": True, "version": "1", "reason": "test"})()
-    monkeypatch.setattr(pipeline, "run_step", fake_step)
-    monkeypatch.setattr(pipeline, "register", lambda *args, **kwargs: promotion)
-    assert pipeline.main(["--images-per-class", "5000", "--synthetic-size", "512",
-                          "--db", str(tmp_path / "c.db"), "--data-dir", str(tmp_path)]) == 0
-    assert sent["extract"]["synthetic_size"] == 512 and sent["extract"]["images_per_class"] == 5000

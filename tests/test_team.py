@@ -26,7 +26,7 @@ from databases import catalogue, image_store
 from steps.extract import extract
 from steps.populate import populate
 from team.cluster import Layout, TeamError, down, postgres_bin, start_postgres, start_tracking_server
-from tests.conftest import ROOT, TINY, VENV_PATH, free_port
+from tests.conftest import ROOT, TINY, VENV_PATH, free_port, run_distributed_tune
 from web.serve import wait_until_ready
 
 pytestmark = pytest.mark.team
@@ -443,31 +443,11 @@ def test_distributed_tune_against_the_server(team, tmp_path):
                "--image-size", str(TINY["image_size"]), "--tuner", "random", "--directory", str(directory)]
     env = team_env(team, experiment="team-tune", KERASTUNER_ORACLE_IP="127.0.0.1",
                    KERASTUNER_ORACLE_PORT=str(free_port()), PYTHONUNBUFFERED="1")
-    logs, processes = {}, {}
-
-    def start(tuner_id: str) -> None:
-        logs[tuner_id] = (tmp_path / f"{tuner_id}.log").open("w")
-        processes[tuner_id] = subprocess.Popen(command, cwd=tmp_path, env={**env, "KERASTUNER_TUNER_ID": tuner_id},
-                                               stdout=logs[tuner_id], stderr=subprocess.STDOUT)
-
     from steps.tune import STATE_FILE
 
-    start("chief")
-    try:
-        state_file = directory / "random" / STATE_FILE
-        deadline = time.monotonic() + 300
-        while not state_file.exists() and processes["chief"].poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        start("tuner0")
-        start("tuner1")
-        for name, process in processes.items():
-            assert process.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-        for log in logs.values():
-            log.close()
+    state_file = directory / "random" / STATE_FILE
+    run_distributed_tune(command, env, cwd=tmp_path, logs_dir=tmp_path,
+                         state_file=state_file, timeout=900)
 
     client = MlflowClient(team.tracking_uri())
     parent_id = json.loads(state_file.read_text())["parent_run_id"]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras_tuner as kt
@@ -17,7 +15,7 @@ from mlflow import MlflowClient
 
 from steps import train
 from steps.tune import STATE_FILE, SearchMismatch, hyperparameters, tune
-from tests.conftest import ROOT, free_port, run_pipeline
+from tests.conftest import ROOT, free_port, run_distributed_tune, run_pipeline
 
 TINY = {"tuner": "random", "max_trials": 2, "epochs": 1, "image_size": 32}
 
@@ -117,29 +115,9 @@ def test_distributed_chief_and_two_workers_on_loopback(store, db, tmp_path):
                "--image-size", "32", "--tuner", "random", "--directory", str(directory)]
     env = {**os.environ, "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port()),
            "MLFLOW_TRACKING_URI": store, "PYTHONUNBUFFERED": "1"}
-    logs, processes = {}, {}
-
-    def start(tuner_id: str) -> None:
-        logs[tuner_id] = (tmp_path / f"{tuner_id}.log").open("w")
-        processes[tuner_id] = subprocess.Popen(command, cwd=ROOT, env={**env, "KERASTUNER_TUNER_ID": tuner_id},
-                                               stdout=logs[tuner_id], stderr=subprocess.STDOUT)
-
-    start("chief")
-    try:
-        state_file = directory / "random" / STATE_FILE
-        deadline = time.monotonic() + 120
-        while not state_file.exists() and processes["chief"].poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        start("tuner0")
-        start("tuner1")
-        for name, process in processes.items():
-            assert process.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-        for log in logs.values():
-            log.close()
+    state_file = directory / "random" / STATE_FILE
+    run_distributed_tune(command, env, cwd=ROOT, logs_dir=tmp_path,
+                         state_file=state_file, timeout=300)
 
     parent_id = json.loads(state_file.read_text())["parent_run_id"]
     runs = trial_runs(parent_id)
