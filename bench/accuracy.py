@@ -1,10 +1,10 @@
 """Accuracy: the Production model, per class, on the synthetic validation split and on real photos.
 
-The real photos are the AFHQ sample in ../shared/data/afhq-sample (when present), all 57 of them:
+The real photos are the AFHQ sample (bench.common.AFHQ_SAMPLE, when present), all 57 of them:
 the model never saw them. A model trained on the synthetic drawings is not expected to know real
 cats from real dogs; this report says how far off it is instead of hiding it.
 
-    python -m bench.accuracy [--model-uri models:/animal/Production] [--photos ../shared/data/afhq-sample]
+    python -m bench.accuracy [--model-uri models:/animal/Production] [--photos <folder of photos>]
 """
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.common import RESULTS, ROOT, catalogue_rows, machine, setup, table
+from bench.common import AFHQ_SAMPLE, RESULTS, catalogue_rows, machine, setup, table
 from steps import defaults
-
-AFHQ_SAMPLE = ROOT.parent / "shared" / "data" / "afhq-sample"
 
 
 def predict(model_uri: str, files: list[Path], batch: int = 256) -> pd.DataFrame:

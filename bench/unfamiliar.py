@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, _synthetic_catalogue, catalogue_rows, machine, table
+from bench.common import AFHQ_SAMPLE, RESULTS, _synthetic_catalogue, catalogue_rows, machine, table
 
-REAL = ROOT.parent / "shared" / "data" / "afhq-sample"  # the same sample the tests use, if present
 WORKDIR = RESULTS / "unfamiliar"
 FRESH_SEED, FRESH_PER_CLASS = 2026, 100
 IMAGE_TYPES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -81,7 +80,7 @@ def auroc(familiar: np.ndarray, strange: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real", type=Path, default=REAL, help="a folder of real photos (searched recursively)")
+    parser.add_argument("--real", type=Path, default=AFHQ_SAMPLE, help="a folder of real photos (searched recursively)")
     parser.add_argument("--model-uri", help="a model logged by this project's train (with familiarity)")
     parser.add_argument("--db", type=Path, help="with --model-uri: its catalogue (validation split)")
     args = parser.parse_args(argv)
