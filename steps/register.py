@@ -249,8 +249,8 @@ def _make_production(client: MlflowClient, name: str, number: str, previous: str
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     # The old Production version archived by a call of its own: MLflow 3.17.2's
     # archive_existing_versions=True fails on a PostgreSQL tracking server (mlflow/mlflow#24592).
-    for version in client.search_model_versions(f"name = '{name}'"):
-        if version.current_stage == STAGE and str(version.version) != number:
+    for version in client.get_latest_versions(name, stages=[STAGE]):  # no filter string: any name is safe
+        if str(version.version) != number:
             client.transition_model_version_stage(name, version.version, "Archived")
     client.transition_model_version_stage(name, number, STAGE)
     client.set_registered_model_alias(name, ALIAS, number)
