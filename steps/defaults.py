@@ -28,7 +28,7 @@ SYNTHETIC_SIZE = 128
 
 # train
 IMAGE_SIZE = 64  # the network's input, in pixels per side
-EPOCHS = 20  # the learning-rate schedule spans them; early stopping may end a run sooner
+EPOCHS = 20  # the learning-rate schedule spans them (with early stopping on, a run may end sooner)
 # Early stopping, in epochs without a better validation accuracy; 0: off, the schedule decides the
 # length. Mid-schedule, at the peak learning rate, validation accuracy still swings from epoch to
 # epoch (0.49 -> 0.94 -> 0.49 in one run): a patience of 4 stopped that run at 0.947, before the
