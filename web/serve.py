@@ -123,9 +123,8 @@ def start_page_server(scoring_url: str, port: int | None = None, host: str = "12
 
 
 @contextmanager
-def scoring_server(model_uri: str, port: int | None = None, wait: float = 300, **options) -> Iterator[Served]:
-    """A running `mlflow models serve` (options: see start_scoring_server); stopped on exit."""
-    served = start_scoring_server(model_uri, port, **options)
+def running(served: Served, wait: float) -> Iterator[Served]:
+    """`served` once it answers (ServerError if it does not within `wait` s); stopped on exit."""
     try:
         served.wait(wait)
         yield served
@@ -133,15 +132,14 @@ def scoring_server(model_uri: str, port: int | None = None, wait: float = 300, *
         served.stop()
 
 
-@contextmanager
-def page_server(scoring_url: str, port: int | None = None, wait: float = 60, **options) -> Iterator[Served]:
-    """The page running under gunicorn (options: see start_page_server); stopped on exit."""
-    served = start_page_server(scoring_url, port, **options)
-    try:
-        served.wait(wait)
-        yield served
-    finally:
-        served.stop()
+def scoring_server(model_uri: str, port: int | None = None, wait: float = 300, **options):
+    """A running `mlflow models serve` (options: see start_scoring_server), as a context manager."""
+    return running(start_scoring_server(model_uri, port, **options), wait)
+
+
+def page_server(scoring_url: str, port: int | None = None, wait: float = 60, **options):
+    """The page running under gunicorn (options: see start_page_server), as a context manager."""
+    return running(start_page_server(scoring_url, port, **options), wait)
 
 
 def stop(process: subprocess.Popen) -> None:
