@@ -25,6 +25,7 @@ epoch 1 is reported on its own: it is where our cache is filled. Phases:
     python -m bench.training                                   # 500 per class at 512 px: minutes
     python -m bench.training --images-per-class 5000 --epochs 3  # AFHQ's scale
     python -m bench.training --sizes 64,96,128                 # + our epoch at each image size
+    python -m bench.training --filters 8                       # a narrower network on both sides
 """
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.common import RESULTS, ROOT, machine, peak_rss_mb, table
+from steps.defaults import Hyperparameters
 
 WAYS = ("ours", "tutorial")
 # Phases measured in one process each: (way, phases).
@@ -61,14 +64,15 @@ def rehearsal_db(images_per_class: int, synthetic_size: int) -> Path:
     return db
 
 
-def datasets(way: str, db: Path, image_size: int, batch_size: int, augment: bool, seed: int):
+def datasets(way: str, db: Path, image_size: int, hp: Hyperparameters, augment: bool, seed: int):
     """(train, val, labels, number of train images) the way `way` builds them."""
     import tensorflow as tf
 
     from databases import catalogue
     from steps import train
 
-    hp = train.Hyperparameters(batch_size=batch_size, **({} if augment else {"augment": 0.0}))
+    hp = hp if augment else replace(hp, augment=0.0)
+    batch_size = hp.batch_size
     if way == "ours":
         data = train.load_data(db, image_size)
         return (*train.pipelines(data, hp, seed), data.labels, len(data.y_train))
@@ -98,34 +102,43 @@ def keras_dataset(folder: Path, **options):
     return keras.utils.image_dataset_from_directory(folder, **options)
 
 
-def measure(way: str, phase: str, db: Path, image_size: int, batch_size: int, epochs: int, seed: int) -> dict:
-    """One (way, phase) in this process: per-epoch seconds, and the curves for the fit phases."""
+def measure(way: str, phase: str, db: Path, image_size: int, hp: Hyperparameters, epochs: int, seed: int) -> dict:
+    """One (way, phase) in this process: per-epoch seconds (wall and this process's CPU), and the
+    curves for the fit phases."""
     import keras
 
     from steps import train
 
     keras.utils.set_random_seed(seed)
     started = time.perf_counter()
-    train_ds, val_ds, labels, n_train = datasets(way, db, image_size, batch_size, phase in ("input", "fit"), seed)
+    train_ds, val_ds, labels, n_train = datasets(way, db, image_size, hp, phase in ("input", "fit"), seed)
     seconds: list[float] = []
-    result: dict = {"way": way, "phase": phase, "n_train": n_train, "epoch_s": seconds,
+    cpu_seconds: list[float] = []
+    result: dict = {"way": way, "phase": phase, "n_train": n_train, "epoch_s": seconds, "epoch_cpu_s": cpu_seconds,
                     "setup_s": time.perf_counter() - started}
+
+    def begin(*_) -> None:
+        seconds.append(-time.perf_counter())
+        cpu_seconds.append(-time.process_time())
+
+    def end(*_) -> None:
+        seconds[-1] += time.perf_counter()
+        cpu_seconds[-1] += time.process_time()
+
     if phase in ("fit", "plain"):
-        hp = train.Hyperparameters(batch_size=batch_size)
         model = train.build_model(hp, image_size, len(labels))
-        train.compile_model(model, hp, steps_per_epoch=-(-n_train // batch_size), epochs=epochs)
-        # Wall time of each epoch as fit runs it: the training pass and the validation pass.
-        clock = keras.callbacks.LambdaCallback(
-            on_epoch_begin=lambda epoch, logs: seconds.append(-time.perf_counter()),
-            on_epoch_end=lambda epoch, logs: seconds.__setitem__(-1, seconds[-1] + time.perf_counter()))
+        train.compile_model(model, hp, steps_per_epoch=-(-n_train // hp.batch_size), epochs=epochs)
+        # Each epoch as fit runs it: the training pass and the validation pass.
+        clock = keras.callbacks.LambdaCallback(on_epoch_begin=begin, on_epoch_end=end)
         history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[clock], verbose=0)
         result["history"] = {name: list(map(float, values)) for name, values in history.history.items()}
+        result["parameters"] = model.count_params()
     else:
         for _ in range(epochs):
-            start = time.perf_counter()
+            begin()
             for _batch in train_ds:
                 pass
-            seconds.append(time.perf_counter() - start)
+            end()
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
@@ -133,8 +146,8 @@ def measure(way: str, phase: str, db: Path, image_size: int, batch_size: int, ep
 def run_child(args: argparse.Namespace, way: str, phases: tuple[str, ...], db: Path, image_size: int) -> list[dict]:
     """Some phases of one way, in a fresh Python process."""
     command = [sys.executable, "-m", "bench.training", "--child", f"{way}:{','.join(phases)}", "--db", str(db),
-               "--epochs", str(args.epochs), "--image-size", str(image_size),
-               "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+               "--epochs", str(args.epochs), "--image-size", str(image_size), "--batch-size", str(args.batch_size),
+               "--filters", str(args.filters), "--seed", str(args.seed)]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{way} failed:\n{out.stderr[-3000:]}")
@@ -168,12 +181,13 @@ def report(results: dict[tuple[str, str], dict], n_val: int, image_size: int) ->
             r = results[way, phase]
             first, later = first_epoch(r), steady(r["epoch_s"])
             rows.append([NAMES[phase], way, first, r["n_train"] / first, later, r["n_train"] / later,
-                         f"{base / later:.2f}x" if base else "-", r["peak_rss_mb"]])
+                         f"{base / later:.2f}x" if base else "-", steady(r["epoch_cpu_s"]), r["peak_rss_mb"]])
     n_train = results["ours", "fit"]["n_train"]
     table(f"Training at {image_size} px, {n_train:,} training + {n_val:,} validation images per epoch; "
           "later = median of epochs 2+",
           ["what", "way", "epoch 1 s (with setup)", "epoch 1 img/s", "later s", "later img/s", "speed-up (later)",
-           "peak RSS MB"], rows)
+           "later CPU s", "peak RSS MB"], rows)
+    print("network: " + ", ".join(f"{way} {results[way, 'fit']['parameters']:,} parameters" for way in WAYS))
     final = {way: results[way, "fit"]["history"]["val_accuracy"][-1] for way in WAYS}
     print("val_accuracy after the last epoch: " + ", ".join(f"{way} {acc:.3f}" for way, acc in final.items()))
 
@@ -261,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per way (the first one is reported apart)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--sizes", default="", help="also our epoch at these image sizes, e.g. 64,96,128")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=Hyperparameters.batch_size)
+    parser.add_argument("--filters", type=int, default=Hyperparameters.filters,
+                        help="the network's width, on both sides (a cheaper network step: the pipeline counts more)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--plot", type=Path, default=RESULTS / "training.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # way:phase,phase measured in this process
@@ -269,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         way, phases = args.child.split(":")
-        print(json.dumps([measure(way, phase, args.db, args.image_size, args.batch_size, args.epochs, args.seed)
+        hp = Hyperparameters(batch_size=args.batch_size, filters=args.filters)
+        print(json.dumps([measure(way, phase, args.db, args.image_size, hp, args.epochs, args.seed)
                           for phase in phases.split(",")]))
         return 0
     db = args.db or rehearsal_db(args.images_per_class, args.synthetic_size)

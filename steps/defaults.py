@@ -6,6 +6,7 @@ any difference), tune's search space and the benchmarks all read their defaults 
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +83,14 @@ TEAM_HOST = "127.0.0.1"  # 0.0.0.0 lets other machines in
 TEAM_POSTGRES_PORT = 5433  # not 5432: never collide with a system PostgreSQL
 TEAM_TRACKING_PORT = 5000
 TEAM_WORKERS = 2  # tracking-server worker processes
+
+
+def boolean(text: str) -> bool:
+    """argparse type of a yes/no flag: MLproject hands parameters over as strings ("true", "false").
+    Anything else is an error, so that a typo (force=ture) is not quietly taken for false."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")

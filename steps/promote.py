@@ -19,14 +19,10 @@ from steps.tracking import start_run
 from team.preflight import one_line_errors
 
 
-def truthy(text: str) -> bool:
-    return text.strip().lower() in ("true", "1", "yes")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", required=True, help="the version number to make Production")
-    parser.add_argument("--force", type=truthy, default=False, help="true: promote even if it scores lower")
+    parser.add_argument("--force", type=defaults.boolean, default=False, help="true: promote even if it scores lower")
     parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE, help="its validation split is the test")
     parser.add_argument("--name", default=defaults.MODEL_NAME)
     return parser

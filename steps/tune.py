@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
     parser.add_argument("--seed", type=int, default=defaults.SEED)
     parser.add_argument("--patience", type=int, default=defaults.TUNE_PATIENCE, help="early stopping within a trial, in epochs; 0: off")
-    parser.add_argument("--overwrite", type=lambda s: s.strip().lower() in ("true", "1", "yes"), default=False,
+    parser.add_argument("--overwrite", type=defaults.boolean, default=False,
                         help="true: start the search over; false (default): resume it")
     parser.add_argument("--directory", type=Path, default=defaults.TUNING_DIR)
     network = defaults.Hyperparameters()

@@ -25,13 +25,17 @@ def test_serving_both_ways_over_http(model_args, tmp_path, capsys):
 
 def test_training_both_ways(pipeline, tmp_path, capsys):
     from bench import training
+    from steps.train import Hyperparameters, build_model
 
     plot = tmp_path / "training.png"
-    assert training.main(["--db", str(pipeline.db), "--epochs", "2", "--image-size", "32",
+    assert training.main(["--db", str(pipeline.db), "--epochs", "2", "--image-size", "32", "--filters", "4",
                           "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
-    for row in ("| images only | tutorial |", "| training epoch | ours |", "peak RSS MB"):
+    for row in ("| images only | tutorial |", "| training epoch | ours |", "later CPU s", "peak RSS MB"):
         assert row in out
+    # Both sides train the network asked for, not the default one.
+    narrow = build_model(Hyperparameters(filters=4), 32, 3).count_params()
+    assert f"ours {narrow:,} parameters, tutorial {narrow:,} parameters" in out
     assert plot.stat().st_size > 0
 
 

@@ -105,3 +105,15 @@ def test_main_forwards_synthetic_size_to_extract(monkeypatch, tmp_path):
     """`mlflow run . -P images_per_class=5000 -P synthetic_size=512` reaches extract."""
     sent = run_main(monkeypatch, tmp_path, "--images-per-class", "5000", "--synthetic-size", "512")
     assert sent["extract"]["synthetic_size"] == 512 and sent["extract"]["images_per_class"] == 5000
+
+
+@pytest.mark.parametrize("module, flag", [("steps.promote", "--force"), ("steps.tune", "--overwrite")])
+def test_yes_no_flags_take_mlproject_strings_and_reject_typos(module, flag, capsys):
+    """MLproject passes "true"/"false"; a typo is an error, not a quiet false."""
+    parser = importlib.import_module(module).build_parser()
+    required = ["--version", "3"] if module == "steps.promote" else []
+    for text, value in (("true", True), ("False", False), (" yes", True), ("0", False)):
+        assert getattr(parser.parse_args([*required, flag, text]), flag[2:]) is value
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([*required, flag, "ture"])
+    assert exit_info.value.code == 2 and "expected true or false, got 'ture'" in capsys.readouterr().err
