@@ -12,10 +12,10 @@ The images are AFHQ-sized by default: the synthetic rehearsal (`extract --synthe
 JPEGs of AFHQ's quality and weight), made once into bench/results/ and reused. `--db` measures
 another catalogue (a real AFHQ download, once populated).
 
-Each (way, phase) runs in its own Python process, so its peak memory (ru_maxrss) is its own and
-nothing of one way helps the other; each builds its datasets afresh (an empty cache). Later epochs
-are summed up by their median, so that a burst of load from elsewhere does not decide the ratio;
-epoch 1 is reported on its own: it is where our cache is filled. Phases:
+Each (way, phase) runs in its own Python process, so its peak memory (ru_maxrss) and CPU time are
+its own and nothing of one way helps the other; each builds its datasets afresh (an empty cache).
+Later epochs are summed up by their median, so that a burst of load from elsewhere does not decide
+the ratio; epoch 1 is reported on its own: it is where our cache is filled. Phases:
 
 * images only: the training images as each way reads them (decode, resize; ours from the cache after epoch 1);
 * input pipeline: plus shuffling and augmentation, what fit consumes;
@@ -39,6 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.common import RESULTS, ROOT, machine, peak_rss_mb, table
+from steps import defaults
 from steps.defaults import Hyperparameters
 
 WAYS = ("ours", "tutorial")
@@ -273,12 +274,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="rehearsal: train + val per class (AFHQ: about 5,400; 5000 rehearses it)")
     parser.add_argument("--synthetic-size", type=int, default=512, help="rehearsal: pixels per side of the files")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per way (the first one is reported apart)")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
     parser.add_argument("--sizes", default="", help="also our epoch at these image sizes, e.g. 64,96,128")
     parser.add_argument("--batch-size", type=int, default=Hyperparameters.batch_size)
     parser.add_argument("--filters", type=int, default=Hyperparameters.filters,
                         help="the network's width, on both sides (a cheaper network step: the pipeline counts more)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=defaults.SEED)
     parser.add_argument("--plot", type=Path, default=RESULTS / "training.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # way:phase,phase measured in this process
     args = parser.parse_args(argv)
