@@ -16,6 +16,7 @@ IMAGE_STORE = DATA_DIR / "images"
 METADATA = DATA_DIR / "metadata.csv"
 CATALOGUE = Path("databases/animal.db")
 TRACKING_URI = "sqlite:///mlflow.db"  # the registry needs a database store
+MAIN_IMAGE_STORE = ""  # main's image store: empty for DATA_DIR's images/ (or the --data-dir given)
 EXPERIMENT = "animal-faces"
 
 # extract

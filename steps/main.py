@@ -16,6 +16,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from databases import catalogue
+from databases.image_store import is_object_store, root_argument
 from steps import defaults
 from steps.backbones import IMAGENET, NO_WEIGHTS
 from steps.defaults import ALIAS, MODEL_NAME
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=defaults.SOURCE, help="'synthetic' or an AFHQ folder or .zip")
     parser.add_argument("--data-dir", type=Path, default=defaults.DATA_DIR,
-                        help="the image store (images/) and metadata CSV go here")
+                        help="the metadata CSV goes here, and the images too (images/) unless --image-store says where")
+    parser.add_argument("--image-store", default=defaults.MAIN_IMAGE_STORE,
+                        help="a folder or s3://bucket/prefix for the images (default: <data-dir>/images)")
     parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE)
     parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS)
     parser.add_argument("--synthetic-size", type=int, default=defaults.SYNTHETIC_SIZE,
@@ -57,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    image_store, metadata = (args.data_dir / "images").resolve(), (args.data_dir / "metadata.csv").resolve()
+    metadata = (args.data_dir / "metadata.csv").resolve()
+    image_store = root_argument(args.image_store) if args.image_store else args.data_dir / "images"
+    if not is_object_store(image_store):
+        image_store = Path(image_store).resolve()  # the steps run in the project folder
     db = args.db.resolve() if isinstance(args.db, Path) else args.db
     hp = hyperparameters_from(args)
     if hp.weights not in (IMAGENET, NO_WEIGHTS):  # a weights file: train runs in the project folder

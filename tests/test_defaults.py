@@ -117,3 +117,16 @@ def test_yes_no_flags_take_mlproject_strings_and_reject_typos(module, flag, caps
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args([*required, flag, "ture"])
     assert exit_info.value.code == 2 and "expected true or false, got 'ture'" in capsys.readouterr().err
+
+
+def test_main_puts_the_images_where_image_store_says(monkeypatch, tmp_path):
+    """Without image_store, <data_dir>/images (a resolved path: the steps run in the project folder);
+    with a bucket, extract and populate both get the bucket, as given; the metadata stays in data_dir."""
+    sent = run_main(monkeypatch, tmp_path)
+    assert sent["extract"]["image_store"] == sent["populate"]["image_store"] == (tmp_path / "images").resolve()
+    bucket = "s3://animal-images/afhq"
+    sent = run_main(monkeypatch, tmp_path, "--image-store", bucket)
+    assert sent["extract"]["image_store"] == sent["populate"]["image_store"] == bucket
+    assert sent["populate"]["metadata"] == (tmp_path / "metadata.csv").resolve()
+    sent = run_main(monkeypatch, tmp_path, "--image-store", "elsewhere/images")
+    assert sent["extract"]["image_store"] == Path("elsewhere/images").resolve()

@@ -256,20 +256,19 @@ def test_two_populates_at_once_store_each_image_once(team, tmp_path):
 
 @pytest.fixture(scope="module")
 def team_pipeline(team, s3, tmp_path_factory):
-    """extract (to s3://images/e2e) -> populate (PostgreSQL) -> train -> register + promote, each as
-    `mlflow run . -e <step>` against the tracking server, from an empty working folder."""
+    """`mlflow run .` (main: extract to s3://images/e2e -> populate on PostgreSQL -> train ->
+    register + promote) against the tracking server, from an empty working folder."""
     work = tmp_path_factory.mktemp("team-work")
     before = tracking_files()
-    url, metadata = fresh_database(team, "e2e"), work / "metadata.csv"
+    url = fresh_database(team, "e2e")
     env = team_env(team, experiment="team-e2e")
-    mlflow_run("extract", {"source": "synthetic", "image_store": "s3://images/e2e", "metadata": metadata,
-                           "images_per_class": TINY["images_per_class"], "seed": 7}, env, work)
-    mlflow_run("populate", {"metadata": metadata, "image_store": "s3://images/e2e", "db": url}, env, work)
-    mlflow_run("train", {"db": url, "image_size": TINY["image_size"], "epochs": TINY["epochs"]}, env, work)
+    mlflow_run("main", {"source": "synthetic", "image_store": "s3://images/e2e", "data_dir": work, "db": url,
+                        "images_per_class": TINY["images_per_class"], "seed": 7, "image_size": TINY["image_size"],
+                        "epochs": TINY["epochs"]}, env, work)
+    assert not (work / "images").exists()  # the images went to the bucket only
     client = MlflowClient(team.tracking_uri())
     experiment = client.get_experiment_by_name("team-e2e")
     trained = client.search_runs([experiment.experiment_id], "tags.model_uri != ''", max_results=1)[0]
-    mlflow_run("register", {"model_uri": trained.data.tags["model_uri"], "db": url}, env, work)
     return {"work": work, "db": url, "client": client, "experiment": experiment, "train_run": trained,
             "env": env, "before": before}
 
