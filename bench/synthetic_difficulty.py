@@ -55,13 +55,13 @@ def cnn_curve(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.nda
     import keras
     import tensorflow as tf
 
-    from steps.train import Hyperparameters, augmenter, build_model, compile_model
+    from steps.train import Augmentation, Hyperparameters, build_model, compile_model
 
     keras.utils.set_random_seed(seed)
     hp = Hyperparameters()
     model = build_model(hp, SIDE, len(LABELS))
     compile_model(model, hp, steps_per_epoch=-(-len(x_tr) // hp.batch_size), epochs=epochs)
-    augment = augmenter(hp.augment, seed)
+    augment = Augmentation(hp.augment, seed)
     train = (tf.data.Dataset.from_tensor_slices((x_tr, y_tr)).shuffle(len(x_tr), seed=seed).batch(hp.batch_size)
              .map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y)))
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=4, restore_best_weights=True)

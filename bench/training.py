@@ -92,7 +92,7 @@ def datasets(way: str, db: Path, image_size: int, hp: Hyperparameters, augment: 
     if n_train != len(frame):
         print(f"warning: the folder holds {n_train} training images, the catalogue {len(frame)}", file=sys.stderr)
     if augment:
-        layers = train.augmenter(hp.augment, seed)
+        layers = train.Augmentation(hp.augment, seed)
         train_ds = train_ds.map(lambda x, y: (layers(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     return train_ds.prefetch(tf.data.AUTOTUNE), val_ds.prefetch(tf.data.AUTOTUNE), labels, n_train
 

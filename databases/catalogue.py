@@ -254,8 +254,7 @@ def store_root(conn) -> Path | str:
     rows = _rows(conn, "SELECT value FROM settings WHERE key = 'store_root'")
     if not rows:
         raise LookupError("the catalogue records no image store root (run the populate step)")
-    value = rows[0]["value"]
-    return value if image_store.is_object_store(value) else Path(value)
+    return image_store.root_argument(rows[0]["value"])
 
 
 def upsert_images(conn, rows: list[dict]) -> UpsertCounts:

@@ -197,3 +197,8 @@ def read_location(location: str) -> bytes:
 def root_argument(value: str) -> str | Path:
     """argparse type for --image-store: a URL stays as given (Path would fold its '//'), a folder is a Path."""
     return value if is_object_store(value) else Path(value)
+
+
+def absolute(root: str | Path) -> str | Path:
+    """A store root that means the same from any working folder: a URL as given, a folder resolved."""
+    return str(root) if is_object_store(root) else Path(root).resolve()

@@ -16,7 +16,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from databases import catalogue
-from databases.image_store import is_object_store, root_argument
+from databases.image_store import absolute
 from steps import defaults
 from steps.backbones import IMAGENET, NO_WEIGHTS
 from steps.defaults import ALIAS, MODEL_NAME
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     metadata = (args.data_dir / "metadata.csv").resolve()
-    image_store = root_argument(args.image_store) if args.image_store else args.data_dir / "images"
-    if not is_object_store(image_store):
-        image_store = Path(image_store).resolve()  # the steps run in the project folder
+    image_store = absolute(args.image_store or args.data_dir / "images")  # the steps run in the project folder
     db = args.db.resolve() if isinstance(args.db, Path) else args.db
     hp = hyperparameters_from(args)
     if hp.weights not in (IMAGENET, NO_WEIGHTS):  # a weights file: train runs in the project folder

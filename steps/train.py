@@ -188,17 +188,12 @@ def _square(transform: tf.Tensor) -> tf.Tensor:
     return tf.reshape(tf.concat([transform, tf.ones_like(transform[:, :1])], axis=1), [-1, 3, 3])
 
 
-def augmenter(strength: float, seed: int) -> Augmentation:
-    """Training-only augmentation; strength 0 turns it off."""
-    return Augmentation(strength, seed)
-
-
 def pipelines(data: Data, hp: Hyperparameters, seed: int) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     train = (tf.data.Dataset.zip(data.train_images, tf.data.Dataset.from_tensor_slices(data.y_train))
              .shuffle(len(data.y_train), seed=seed, reshuffle_each_iteration=True)
              .batch(hp.batch_size))
     if hp.augment > 0:
-        augment = augmenter(hp.augment, seed)
+        augment = Augmentation(hp.augment, seed)
         train = train.map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
     val = tf.data.Dataset.zip(data.val_images, tf.data.Dataset.from_tensor_slices(data.y_val)).batch(256)

@@ -27,7 +27,7 @@ from typing import IO
 import requests
 
 from databases import catalogue
-from databases.image_store import is_object_store
+from databases.image_store import absolute
 from steps import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def start_page_server(scoring_url: str, port: int | None = None, host: str = "12
     if db is not None:  # a SQLite file, or a postgresql:// URL (team layout)
         settings["ANIMAL_DB"] = str(db) if catalogue.is_url(db) else str(Path(db).resolve())
     if image_store is not None:  # a folder, or s3://bucket/prefix
-        settings["IMAGE_STORE"] = str(image_store) if is_object_store(image_store) else str(Path(image_store).resolve())
+        settings["IMAGE_STORE"] = str(absolute(image_store))
     command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "-b", f"{host}:{port}"]
     command += (["-w", str(workers)] if workers else []) + (["--threads", str(threads)] if threads else [])
     return _start("the page", command + ["web.app:app"], server_env(**settings), f"http://{host}:{port}", "/", log)
