@@ -3,7 +3,6 @@ data (once per session), and a real `mlflow models serve` of its Production mode
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
+from web.serve import free_port  # noqa: F401  (the tests take it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = ROOT.parent / "shared" / "data" / "afhq-sample"
@@ -68,12 +69,6 @@ def pipeline(tmp_path_factory, tracking_store) -> Pipeline:
     run_id, _, model_uri = train(db, image_size=TINY["image_size"], epochs=TINY["epochs"])
     promotion = register(model_uri, db)
     return Pipeline(root, image_store, metadata, db, tracking_store, run_id, model_uri, promotion.version)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
