@@ -163,7 +163,7 @@ def read_entry(entry: Entry) -> bytes:
             kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (FIFO, socket or device)"
             raise ReadError(f"cannot read: {kind}")
         if info.st_size > MAX_FILE_BYTES:
-            raise ReadError(f"file too large: {info.st_size / 2**20:.0f} MB (limit {MAX_FILE_BYTES // 2**20} MB)")
+            raise _too_large(info.st_size)
         with open(entry.file, "rb") as handle:
             return handle.read(MAX_FILE_BYTES + 1)
     except OSError as error:
@@ -176,10 +176,14 @@ def _read_member(entry: Entry) -> bytes:
         archive = archives.get(entry.file) or archives.setdefault(entry.file, zipfile.ZipFile(entry.file))
         info = archive.getinfo(entry.member)
         if info.file_size > MAX_FILE_BYTES:
-            raise ReadError(f"file too large: {info.file_size / 2**20:.0f} MB (limit {MAX_FILE_BYTES // 2**20} MB)")
+            raise _too_large(info.file_size)
         return archive.read(info)
     except (KeyError, *UNREADABLE) as error:
         raise ReadError(f"cannot read from the .zip: {error}") from None
+
+
+def _too_large(size: int) -> ReadError:
+    return ReadError(f"file too large: {size / 2**20:.0f} MB (limit {MAX_FILE_BYTES // 2**20} MB)")
 
 
 @dataclass(frozen=True)
@@ -315,7 +319,7 @@ class Store:
         table = self.previous()
         position = {path: i for i, path in enumerate(order)}
         rank = table["path"].map(position).fillna(len(order)).to_numpy()
-        table = table.iloc[sorted(range(len(table)), key=lambda i: (rank[i], i))].reset_index(drop=True)
+        table = table.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
         table = table[self.columns.names]
         if self.output.suffix.lower() == ".csv":
             _replace(self.output, lambda tmp: _to_csv(table, tmp), sync=True)
@@ -379,7 +383,7 @@ def _from_csv(path: Path) -> pd.DataFrame:
             table[name] = [json.loads(v) if v else [] for v in values]
         elif name in ("uncertain", "unfamiliar"):
             table[name] = [flags.get(v) for v in values]
-        elif name in ("path",):
+        elif name == "path":
             continue
         elif name in ("sha256", "label", "error"):
             table[name] = [v or None for v in values]

@@ -352,3 +352,16 @@ def test_the_entry_point_logs_the_run(pipeline, collection, tmp_path):
                                                            dst_path=str(tmp_path)))
     labels = pq.read_table(output).to_pandas().label.nunique()
     assert sheet.size == (128 * 6, (labels + 1) * (18 + 128 + 30))  # a row per predicted label, and the least confident
+
+
+def test_the_output_follows_the_input_order_with_files_no_longer_in_it_last(tmp_path):
+    """Store.finish: rows in the input's order whatever order the parts came in; rows of files gone
+    from the input keep their own order, after the rest."""
+    columns = scoring.Columns(("cat", "dog"))
+    store = scoring.Store(tmp_path / "out.parquet", columns, "models:/m/1")
+    row = lambda path: {"path": path, "sha256": path, **columns.failed("test")}  # noqa: E731
+    store.write_part([row("c.jpg"), row("gone2.jpg"), row("a.jpg")])
+    store.write_part([row("gone1.jpg"), row("b.jpg")])
+    table = store.finish(["a.jpg", "b.jpg", "c.jpg"])
+    assert table.path.tolist() == ["a.jpg", "b.jpg", "c.jpg", "gone2.jpg", "gone1.jpg"]
+    assert pq.read_table(tmp_path / "out.parquet").column("path").to_pylist() == table.path.tolist()
