@@ -43,8 +43,9 @@ serve: install  ## the scoring server (:5001) and the upload page (http://127.0.
 load: install  ## 5,000 requests from 16 threads to the page and the scoring server: req/s, latency, errors, memory
 	$(BIN)/python -m bench.load
 
-lint: install-test  ## ruff, configured in pyproject.toml: any finding fails
+lint: install-test  ## ruff, configured in pyproject.toml: any finding or unformatted file fails
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: install-test lint  ## lint, then the whole test suite
 	$(BIN)/python -m pytest

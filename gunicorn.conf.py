@@ -6,6 +6,7 @@ the others answered (tests/test_reliability_probe.py::test_slow_clients_do_not_s
 request headers, so on the internet put a buffering reverse proxy in front (nginx, docs/serving.md),
 which reads each request whole before it reaches a thread here.
 """
+
 import os
 import sys
 from pathlib import Path

@@ -6,6 +6,7 @@ cats from real dogs; this report says how far off it is instead of hiding it.
 
     python -m bench.accuracy [--model-uri models:/animal/Production] [--photos <folder of photos>]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,10 @@ def predict(model_uri: str, files: list[Path], batch: int = 256) -> pd.DataFrame
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri)
-    parts = [model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files[i : i + batch]]}),
-                           params={"k": 0}) for i in range(0, len(files), batch)]
+    parts = [
+        model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files[i : i + batch]]}), params={"k": 0})
+        for i in range(0, len(files), batch)
+    ]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -34,19 +37,23 @@ def report(title: str, truth: list[str], answers: pd.DataFrame, labels: list[str
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     predicted = answers.label.fillna("(unreadable)").tolist()
-    precision, recall, f1, support = precision_recall_fscore_support(
-        truth, predicted, labels=labels, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=labels, zero_division=0)
     accuracy = float(np.mean(np.asarray(predicted) == np.asarray(truth)))
     majority = max(truth.count(label) for label in labels) / len(truth)
-    rows = [[label, p, r, f, int(s), int(predicted.count(label))]
-            for label, p, r, f, s in zip(labels, precision, recall, f1, support)]
+    rows = [[label, p, r, f, int(s), int(predicted.count(label))] for label, p, r, f, s in zip(labels, precision, recall, f1, support)]
     rows.append(["all", "", "", "", len(truth), f"accuracy {accuracy:.3f}"])
-    table(f"{title}: {len(truth)} images, accuracy {accuracy:.3f} (chance 0.333, majority class {majority:.3f}), "
-          f"mean confidence {answers.confidence.astype(float).mean():.3f}",
-          ["class", "precision", "recall", "f1", "support", "predicted as"], rows)
+    table(
+        f"{title}: {len(truth)} images, accuracy {accuracy:.3f} (chance 0.333, majority class {majority:.3f}), "
+        f"mean confidence {answers.confidence.astype(float).mean():.3f}",
+        ["class", "precision", "recall", "f1", "support", "predicted as"],
+        rows,
+    )
     matrix = confusion_matrix(truth, predicted, labels=labels)
-    table(f"{title}: confusion (rows: true, columns: predicted)", ["true \\ predicted", *labels],
-          [[label, *map(int, row)] for label, row in zip(labels, matrix)])
+    table(
+        f"{title}: confusion (rows: true, columns: predicted)",
+        ["true \\ predicted", *labels],
+        [[label, *map(int, row)] for label, row in zip(labels, matrix)],
+    )
     return accuracy
 
 
@@ -64,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}\nmodel: {model.model_uri} from {model.origin}", flush=True)
     val = catalogue_rows(model.db, split="val")
     labels = sorted(val.label.unique())
-    synthetic = report(f"Validation split of {model.db.name}", val.label.tolist(),
-                       predict(model.model_uri, [Path(f) for f in val.file]), labels)
+    synthetic = report(
+        f"Validation split of {model.db.name}", val.label.tolist(), predict(model.model_uri, [Path(f) for f in val.file]), labels
+    )
     photos = sorted(p for p in args.photos.glob("*/*/*") if p.is_file() and p.parent.name in labels)
     if not photos:
         print(f"\nno real photos at {args.photos}: skipped")
@@ -74,10 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     real = report(f"Real AFHQ photos ({args.photos.name})", [p.parent.name for p in photos], answers, labels)
     top = answers.label.value_counts()
     confidence = answers.confidence.astype(float).mean()
-    print(f"\nsynthetic validation {synthetic:.3f}, real photos {real:.3f} (chance 0.333; it answers "
-          f"'{top.index[0]}' for {top.iloc[0]} of {len(photos)}, with mean confidence {confidence:.2f}): "
-          + ("what is learnt from the synthetic drawings does not carry over to real photos usefully; "
-             "train on AFHQ for real use" if real < 0.8 else "it carries over to real photos"))
+    print(
+        f"\nsynthetic validation {synthetic:.3f}, real photos {real:.3f} (chance 0.333; it answers "
+        f"'{top.index[0]}' for {top.iloc[0]} of {len(photos)}, with mean confidence {confidence:.2f}): "
+        + (
+            "what is learnt from the synthetic drawings does not carry over to real photos usefully; train on AFHQ for real use"
+            if real < 0.8
+            else "it carries over to real photos"
+        )
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ Spark's Python workers, the server and its workers), sampled every 0.2 s. "ours 
 times as many files (copies made distinct by a trailer after the JPEG end marker, so none is
 skipped as a duplicate): the same peak shows that memory does not grow with the collection.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,12 +107,10 @@ def run_score(way: str, source: Path, model_uri: str, tracking_uri: str, *extra:
     output = WORKDIR / f"{way.split()[0]}.parquet"
     for stale in (output, output.with_name(output.name + ".partial")):
         subprocess.run(["rm", "-rf", str(stale)], check=True)
-    command = [sys.executable, "-m", "steps.score", "--input", str(source), "--output", str(output),
-               "--model-uri", model_uri, *extra]
+    command = [sys.executable, "-m", "steps.score", "--input", str(source), "--output", str(output), "--model-uri", model_uri, *extra]
     env = server_env(MLFLOW_TRACKING_URI=tracking_uri)
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     memory = TreeMemory(process.pid)
     stdout, _ = process.communicate()
     wall, peak = time.monotonic() - started, memory.stop()
@@ -119,8 +118,9 @@ def run_score(way: str, source: Path, model_uri: str, tracking_uri: str, *extra:
     if process.returncode != 0 or not found:
         raise RuntimeError(f"{way} failed (exit code {process.returncode}):\n{stdout[-2000:]}")
     errors = re.search(r"errors ([\d,]+)", stdout)
-    return Measured(way, int(found.group(1).replace(",", "")), float(found.group(2)), wall, peak,
-                    int(errors.group(1).replace(",", "")) if errors else 0)
+    return Measured(
+        way, int(found.group(1).replace(",", "")), float(found.group(2)), wall, peak, int(errors.group(1).replace(",", "")) if errors else 0
+    )
 
 
 def run_naive(files: list[Path], model_uri: str) -> Measured:
@@ -136,8 +136,7 @@ def run_naive(files: list[Path], model_uri: str) -> Measured:
 
         def ask(path: Path) -> None:
             nonlocal errors
-            body = {"dataframe_split": {"columns": ["image"],
-                                        "data": [[base64.b64encode(path.read_bytes()).decode("ascii")]]}}
+            body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(path.read_bytes()).decode("ascii")]]}}
             reply = session.post(f"{server.url}/invocations", json=body, timeout=60)
             errors += not reply.ok or reply.json()["predictions"][0].get("error") is not None
 
@@ -148,8 +147,7 @@ def run_naive(files: list[Path], model_uri: str) -> Measured:
             ask(path)
         seconds = time.monotonic() - begin
         peak = memory.stop()
-    return Measured("naive: one HTTP request per image", len(files), seconds, time.monotonic() - started,
-                    peak, errors)
+    return Measured("naive: one HTTP request per image", len(files), seconds, time.monotonic() - started, peak, errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,25 +164,30 @@ def main(argv: list[str] | None = None) -> int:
     folder = WORKDIR / f"images_{args.size}"
     files = photos(folder, args.images, args.size)
     megabytes = sum(path.stat().st_size for path in files) / len(files) / 1024
-    print(f"{len(files)} JPEGs of {args.size}x{args.size}, {megabytes:.0f} KB on average, in {folder}; "
-          f"model {model.model_uri} ({model.origin})", flush=True)
+    print(
+        f"{len(files)} JPEGs of {args.size}x{args.size}, {megabytes:.0f} KB on average, in {folder}; "
+        f"model {model.model_uri} ({model.origin})",
+        flush=True,
+    )
 
     load_before = machine()
     results = [run_score("ours: score, local engine", folder, model.model_uri, model.tracking_uri)]
     results.append(run_naive(files, model.model_uri))
     if not args.no_spark:
-        results.append(run_score("spark: score --engine spark, local[*]", folder, model.model_uri,
-                                 model.tracking_uri, "--engine", "spark"))
+        results.append(run_score("spark: score --engine spark, local[*]", folder, model.model_uri, model.tracking_uri, "--engine", "spark"))
     if args.copies > 1:
         many = WORKDIR / f"images_{args.size}_x{args.copies}"
         distinct_copies(files, many, args.copies)
-        results.append(run_score(f"ours x{args.copies}: score, local engine", many, model.model_uri,
-                                 model.tracking_uri))
+        results.append(run_score(f"ours x{args.copies}: score, local engine", many, model.model_uri, model.tracking_uri))
     naive = next(r for r in results if r.way.startswith("naive"))
-    table(f"Batch scoring, {args.size}x{args.size} JPEGs ({machine()}; before: {load_before})",
-          ["way", "images", "scoring s", "images/s", "vs naive", "wall s (with start-up)", "peak RSS MB", "errors"],
-          [[r.way, f"{r.images:,}", r.seconds, r.per_second, f"{r.per_second / naive.per_second:.1f}x", r.wall,
-            r.peak_mb, r.errors] for r in results])
+    table(
+        f"Batch scoring, {args.size}x{args.size} JPEGs ({machine()}; before: {load_before})",
+        ["way", "images", "scoring s", "images/s", "vs naive", "wall s (with start-up)", "peak RSS MB", "errors"],
+        [
+            [r.way, f"{r.images:,}", r.seconds, r.per_second, f"{r.per_second / naive.per_second:.1f}x", r.wall, r.peak_mb, r.errors]
+            for r in results
+        ],
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ of the project's own `./mlflow.db` with its catalogue `databases/animal.db` (wha
 or a small pipeline run of our own in a work folder with its own SQLite tracking store (reused by
 later runs, so only the first one pays for training).
 """
+
 from __future__ import annotations
 
 import os
@@ -106,8 +107,14 @@ def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
 
 
-def setup(model_uri: str | None = None, workdir: Path = RESULTS / "pipeline", images_per_class: int = defaults.IMAGES_PER_CLASS,
-          image_size: int = defaults.IMAGE_SIZE, epochs: int = defaults.EPOCHS, db: Path | None = None) -> Setup:
+def setup(
+    model_uri: str | None = None,
+    workdir: Path = RESULTS / "pipeline",
+    images_per_class: int = defaults.IMAGES_PER_CLASS,
+    image_size: int = defaults.IMAGE_SIZE,
+    epochs: int = defaults.EPOCHS,
+    db: Path | None = None,
+) -> Setup:
     """The model to measure (see the module docstring); sets MLflow's tracking URI to its store."""
     import mlflow
 
@@ -118,8 +125,7 @@ def setup(model_uri: str | None = None, workdir: Path = RESULTS / "pipeline", im
     project = _registered(ROOT / "mlflow.db", ROOT / "databases" / "animal.db")
     if project:
         return project
-    return _registered(workdir / "mlflow.db", workdir / "catalogue.db") or _make(
-        workdir, images_per_class, image_size, epochs)
+    return _registered(workdir / "mlflow.db", workdir / "catalogue.db") or _make(workdir, images_per_class, image_size, epochs)
 
 
 def _registered(store: Path, db: Path) -> Setup | None:
@@ -170,8 +176,11 @@ def _make(workdir: Path, images_per_class: int, image_size: int, epochs: int) ->
     from steps.register import register
     from steps.train import train
 
-    print(f"no registered model found: training one in {workdir} ({images_per_class} images per class, "
-          f"up to {epochs} epochs; later runs reuse it)", flush=True)
+    print(
+        f"no registered model found: training one in {workdir} ({images_per_class} images per class, "
+        f"up to {epochs} epochs; later runs reuse it)",
+        flush=True,
+    )
     db = _synthetic_catalogue(workdir, images_per_class)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)

@@ -8,6 +8,7 @@ before: what one image adds to a scoring server, in bytes per pixel of the image
 project states (docs/reliability.md) is pyfunc.preprocess.BYTES_PER_PIXEL; tests/
 test_reliability_memory.py checks it on smaller images.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ def _size(megapixels: float) -> tuple[int, int]:
 
 def _gradient(width: int, height: int, high: int) -> np.ndarray:
     """Smooth, so the files stay small (as the probe's 78 KB, 40 MP PNG), yet every value varies."""
-    return (np.add.outer(np.arange(height, dtype=np.uint32) * 7, np.arange(width, dtype=np.uint32) * 3) % high)
+    return np.add.outer(np.arange(height, dtype=np.uint32) * 7, np.arange(width, dtype=np.uint32) * 3) % high
 
 
 def grey_16_bit_png(width: int, height: int) -> bytes:
@@ -116,8 +117,9 @@ def peak_bytes(data: bytes, image_size: int = defaults.IMAGE_SIZE, root: Path = 
     with tempfile.NamedTemporaryFile(suffix=".img") as file:
         file.write(data)
         file.flush()
-        result = subprocess.run([sys.executable, "-c", MEASURE, file.name, str(image_size)], cwd=root,
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", MEASURE, file.name, str(image_size)], cwd=root, capture_output=True, text=True, check=True
+        )
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     return (figures["peak_kb"] - figures["before_kb"]) * 1024
 
@@ -128,8 +130,16 @@ def measure(megapixels: float, formats: list[str] | None = None, root: Path = RO
     for name in formats or list(FORMATS):
         data = FORMATS[name](width, height)
         peak = peak_bytes(data, root=root)
-        rows.append({"format": name, "width": width, "height": height, "file_bytes": len(data),
-                     "peak_bytes": peak, "bytes_per_pixel": peak / (width * height)})
+        rows.append(
+            {
+                "format": name,
+                "width": width,
+                "height": height,
+                "file_bytes": len(data),
+                "peak_bytes": peak,
+                "bytes_per_pixel": peak / (width * height),
+            }
+        )
     return rows
 
 
@@ -140,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"machine: {machine()}\ncode: {args.root}", flush=True)
     rows = measure(args.megapixels, root=args.root)
-    table(f"Peak memory of decoding one {args.megapixels:g} MP image (fresh process, VmHWM)",
-          ["format", "size", "file", "peak MB", "bytes per pixel"],
-          [[r["format"], f"{r['width']}x{r['height']}", f"{r['file_bytes'] / 1024:,.0f} KB",
-            r["peak_bytes"] / 2**20, r["bytes_per_pixel"]] for r in rows])
+    table(
+        f"Peak memory of decoding one {args.megapixels:g} MP image (fresh process, VmHWM)",
+        ["format", "size", "file", "peak MB", "bytes per pixel"],
+        [
+            [r["format"], f"{r['width']}x{r['height']}", f"{r['file_bytes'] / 1024:,.0f} KB", r["peak_bytes"] / 2**20, r["bytes_per_pixel"]]
+            for r in rows
+        ],
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ images) and in pixels (MAX_REQUEST_PIXELS of 40 MP RGBA PNGs), how fast it refus
 and the probe's 50,000 one-pixel rows, and the scoring server's resident memory (all its
 processes, sampled every 20 ms) while six 40 MP 16-bit grey PNGs are scored at once, and after.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,7 @@ def post(url: str, values: list[str], timeout: float = 300) -> tuple[int, float,
     """(status, seconds, the start of the answer) for one request of these base64 images."""
     body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}, "params": {"k": 5}})
     started = time.perf_counter()
-    response = requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"},
-                             timeout=timeout)
+    response = requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=timeout)
     return response.status_code, time.perf_counter() - started, response.text[:160]
 
 
@@ -50,8 +50,10 @@ def measure(server: Served, photos: list[bytes]) -> list[list[object]]:
     b64 = [base64.b64encode(p).decode() for p in photos]
     post(url, b64[:8])  # warm-up: the first call builds the graph
     catalogue_rows = [b64[i % len(b64)] for i in range(MAX_ROWS)]
-    for label, values in ((f"{MAX_ROWS:,} catalogue images (the most rows)", catalogue_rows),
-                          (f"{MAX_ROWS + 1:,} catalogue images", catalogue_rows + b64[:1])):
+    for label, values in (
+        (f"{MAX_ROWS:,} catalogue images (the most rows)", catalogue_rows),
+        (f"{MAX_ROWS + 1:,} catalogue images", catalogue_rows + b64[:1]),
+    ):
         status, seconds, text = post(url, values)
         rows.append([label, status, seconds, text[:90] if status != 200 else ""])
     pixel = base64.b64encode(_one_pixel_png()).decode()
@@ -63,8 +65,14 @@ def measure(server: Served, photos: list[bytes]) -> list[list[object]]:
     fits = MAX_REQUEST_PIXELS // (width * height)
     for count in (fits, fits + 1):
         status, seconds, text = post(url, [big] * count)
-        rows.append([f"{count} RGBA PNGs of {width}x{height} ({count * width * height / 1e6:,.0f} MP)", status,
-                     seconds, text[:90] if status != 200 else ""])
+        rows.append(
+            [
+                f"{count} RGBA PNGs of {width}x{height} ({count * width * height / 1e6:,.0f} MP)",
+                status,
+                seconds,
+                text[:90] if status != 200 else "",
+            ]
+        )
     return rows
 
 
@@ -92,8 +100,12 @@ def memory(server: Served, concurrent: int = 6) -> list[object]:
     stop.set()
     sampler.join()
     time.sleep(2)
-    return [f"{concurrent} x 40 MP 16-bit grey PNG at once (HTTP {', '.join(map(str, sorted(set(statuses))))})",
-            before, peak[0], rss_mb(server)]
+    return [
+        f"{concurrent} x 40 MP 16-bit grey PNG at once (HTTP {', '.join(map(str, sorted(set(statuses))))})",
+        before,
+        peak[0],
+        rss_mb(server),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,10 +123,15 @@ def main(argv: list[str] | None = None) -> int:
 
     frame = catalogue_rows(db or ROOT / "databases" / "animal.db")
     photos = [Path(f).read_bytes() for f in frame.file[:50]]
-    print(f"machine: {machine()}\nmodel: {args.model_uri} of {tracking_uri}; catalogue images "
-          f"{math.fsum(map(len, photos)) / len(photos) / 1024:.1f} KiB on average", flush=True)
-    with tempfile.TemporaryDirectory() as tmp, scoring_server(args.model_uri, tracking_uri=tracking_uri,
-                                                              log=Path(tmp) / "scoring.log") as server:
+    print(
+        f"machine: {machine()}\nmodel: {args.model_uri} of {tracking_uri}; catalogue images "
+        f"{math.fsum(map(len, photos)) / len(photos) / 1024:.1f} KiB on average",
+        flush=True,
+    )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        scoring_server(args.model_uri, tracking_uri=tracking_uri, log=Path(tmp) / "scoring.log") as server,
+    ):
         mem = memory(server)  # first: the server as it starts, as the probe measured it
         rows = measure(server, photos)
         after_all = rss_mb(server)

@@ -18,6 +18,7 @@ end. Target: zero errors and no server growing by more than 10%. Exit status: 0 
 `--scoring-url URL` uses a scoring server that is already running (its memory is then not read),
 with the catalogue given by `--db`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ LABELS = {"cat", "dog", "wild"}
 
 # --- the servers --------------------------------------------------------------------------------
 
+
 def rss_mb(server: Served) -> float:
     """Resident memory of the server and every process it started (gunicorn and uvicorn workers)."""
     return tree_rss_mb(server.process.pid)
@@ -67,6 +69,7 @@ def image_store(db: Path) -> Path:
 
 
 # --- the model ----------------------------------------------------------------------------------
+
 
 def registered(store: Path, db: Path) -> str | None:
     """The tracking URI of `store` if it has models:/animal/Production and `db` exists."""
@@ -107,12 +110,12 @@ def make_model(workdir: Path) -> tuple[str, Path]:
     env = server_env()
     env.pop("MLFLOW_RUN_ID", None)
     env.pop("MLFLOW_EXPERIMENT_ID", None)
-    subprocess.run([sys.executable, "-c", script, str(workdir)], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", script, str(workdir)], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     return f"sqlite:///{store}", db
 
 
 # --- the load -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Results:
@@ -158,8 +161,10 @@ class Workload:
         self.photos = [Path(f).read_bytes() for f in chosen.file]
         self.image_sizes = {int(i): Path(f).stat().st_size for i, f in zip(frame.id, frame.file)}
         self.ids = list(self.image_sizes)
-        self.bodies = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p).decode()]]},
-                                   "params": {"k": 6}}).encode() for p in self.photos]
+        self.bodies = [
+            json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p).decode()]]}, "params": {"k": 6}}).encode()
+            for p in self.photos
+        ]
         self.page, self.scoring = page, scoring
 
     def send(self, session: requests.Session, i: int) -> tuple[str, str | None]:
@@ -178,8 +183,12 @@ class Workload:
             response = session.get(f"{self.page}/images/{image_id}", timeout=60)
             ok = response.status_code == 200 and len(response.content) == self.image_sizes[image_id]
         else:
-            response = session.post(f"{self.scoring}/invocations", data=self.bodies[n % len(self.bodies)],
-                                    headers={"Content-Type": "application/json"}, timeout=60)
+            response = session.post(
+                f"{self.scoring}/invocations",
+                data=self.bodies[n % len(self.bodies)],
+                headers={"Content-Type": "application/json"},
+                timeout=60,
+            )
             ok = response.status_code == 200 and response.json()["predictions"][0]["label"] in LABELS
         return kind, None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
 
@@ -209,6 +218,7 @@ def run(workload: Workload, total: int, concurrency: int) -> Results:
 
 # --- the report ---------------------------------------------------------------------------------
 
+
 def table(title: str, headers: list[str], rows: list[list[object]]) -> None:
     print(f"\n### {title}\n")
     print("| " + " | ".join(headers) + " |")
@@ -218,23 +228,40 @@ def table(title: str, headers: list[str], rows: list[list[object]]) -> None:
 
 
 def report(results: Results, memory: dict[str, tuple[float, float] | None], args) -> dict:
-    rows, summary = [], {"requests": results.total, "errors": results.error_count, "seconds": results.seconds,
-                         "requests_per_second": results.total / results.seconds, "routes": {}, "memory_mb": {}}
+    rows, summary = (
+        [],
+        {
+            "requests": results.total,
+            "errors": results.error_count,
+            "seconds": results.seconds,
+            "requests_per_second": results.total / results.seconds,
+            "routes": {},
+            "memory_mb": {},
+        },
+    )
     for kind in [*KINDS, "all"]:
-        samples = (list(itertools.chain(*results.latencies_ms.values())) if kind == "all"
-                   else results.latencies_ms.get(kind, []))
+        samples = list(itertools.chain(*results.latencies_ms.values())) if kind == "all" else results.latencies_ms.get(kind, [])
         if not samples:
             continue
         p50, p95, p99 = (float(x) for x in np.percentile(samples, [50, 95, 99]))
         errors = results.error_count if kind == "all" else results.errors.get(kind, 0)
         rate = len(samples) / results.seconds
         rows.append([kind, len(samples), errors, rate, p50, p95, p99])
-        summary["routes"][kind] = {"requests": len(samples), "errors": errors, "requests_per_second": rate,
-                                   "p50_ms": p50, "p95_ms": p95, "p99_ms": p99}
+        summary["routes"][kind] = {
+            "requests": len(samples),
+            "errors": errors,
+            "requests_per_second": rate,
+            "p50_ms": p50,
+            "p95_ms": p95,
+            "p99_ms": p99,
+        }
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n{os.cpu_count()} cores, load average {load} (at the end)")
-    table(f"Load: {results.total:,} requests from {args.concurrency} threads in {results.seconds:.1f} s",
-          ["route", "requests", "errors", "req/s", "p50 ms", "p95 ms", "p99 ms"], rows)
+    table(
+        f"Load: {results.total:,} requests from {args.concurrency} threads in {results.seconds:.1f} s",
+        ["route", "requests", "errors", "req/s", "p50 ms", "p95 ms", "p99 ms"],
+        rows,
+    )
     memory_rows = []
     for name, values in memory.items():
         if values is None:
@@ -244,8 +271,7 @@ def report(results: Results, memory: dict[str, tuple[float, float] | None], args
         growth = (after - before) / before * 100 if before else 0.0
         memory_rows.append([name, before, after, f"{growth:+.1f}%"])
         summary["memory_mb"][name] = {"before": before, "after": after, "growth_pct": growth}
-    table("Resident memory (VmRSS, MB, all processes of each server)", ["server", "after warm-up", "at the end", "growth"],
-          memory_rows)
+    table("Resident memory (VmRSS, MB, all processes of each server)", ["server", "after warm-up", "at the end", "growth"], memory_rows)
     for example in results.examples:
         print(f"error: {example}")
     return summary
@@ -286,8 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             scoring = start_scoring_server(args.model_uri, tracking_uri=tracking_uri, log=logs / "scoring.log")
             servers.append(scoring)
             scoring_url = scoring.url
-        page = start_page_server(scoring_url, db=db, image_store=image_store(Path(db)), workers=args.page_workers,
-                                 threads=args.page_threads, log=logs / "page.log")
+        page = start_page_server(
+            scoring_url,
+            db=db,
+            image_store=image_store(Path(db)),
+            workers=args.page_workers,
+            threads=args.page_threads,
+            log=logs / "page.log",
+        )
         servers.append(page)
         for server in servers:
             server.wait()
@@ -300,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warm-up: {warm.error_count} errors", *warm.examples, sep="\n  ")
         before = {"page (gunicorn)": rss_mb(page), "scoring server": rss_mb(scoring) if scoring else None}
         results = run(workload, args.requests, args.concurrency)
-        memory = {"page (gunicorn)": (before["page (gunicorn)"], rss_mb(page)),
-                  "scoring server": (before["scoring server"], rss_mb(scoring)) if scoring else None}
+        memory = {
+            "page (gunicorn)": (before["page (gunicorn)"], rss_mb(page)),
+            "scoring server": (before["scoring server"], rss_mb(scoring)) if scoring else None,
+        }
     finally:
         for server in reversed(servers):
             server.stop()
@@ -309,9 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = report(results, memory, args)
     grown = [name for name, m in summary["memory_mb"].items() if m["growth_pct"] > args.max_growth]
     summary["target_met"] = not results.error_count and not grown
-    print(f"\ntarget (zero errors, memory growth at most {args.max_growth:g}%): "
-          + ("met" if summary["target_met"] else
-             f"NOT met ({results.error_count} errors{', grew: ' + ', '.join(grown) if grown else ''})"))
+    print(
+        f"\ntarget (zero errors, memory growth at most {args.max_growth:g}%): "
+        + ("met" if summary["target_met"] else f"NOT met ({results.error_count} errors{', grew: ' + ', '.join(grown) if grown else ''})")
+    )
     print(f"server logs: {logs}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -11,6 +11,7 @@ pattern (from the catalogue's `attributes`), next to chance (5 random gallery im
 
     python -m bench.recommender [--sizes 1000,16000,1000000] [--model-uri ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,13 +83,13 @@ def speed(size: int, dim: int, folder: Path, queries: int, naive_queries: int) -
     del recommender
     gc.collect()
     with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as conn:
-        naive = percentiles(query_ms(lambda v, lab, k: naive_similar(conn, v, lab, k),
-                                     vectors[:naive_queries], labels[:naive_queries]))
+        naive = percentiles(query_ms(lambda v, lab, k: naive_similar(conn, v, lab, k), vectors[:naive_queries], labels[:naive_queries]))
     conn.close()
     path.unlink()
-    return [[f"{size:,}", "ours", ours["p50"], ours["p95"], f"{naive['p50'] / ours['p50']:,.0f}x", load_s,
-             held / 2**20, peak / 2**20],
-            [f"{size:,}", "naive (SQL + Python loop)", naive["p50"], naive["p95"], "1x", "-", "-", "-"]]
+    return [
+        [f"{size:,}", "ours", ours["p50"], ours["p95"], f"{naive['p50'] / ours['p50']:,.0f}x", load_s, held / 2**20, peak / 2**20],
+        [f"{size:,}", "naive (SQL + Python loop)", naive["p50"], naive["p95"], "1x", "-", "-", "-"],
+    ]
 
 
 def embed(model_uri: str, files: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -100,8 +101,7 @@ def embed(model_uri: str, files: list[str]) -> tuple[np.ndarray, np.ndarray, lis
     animal = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     images = np.stack([load_image(Path(f).read_bytes(), animal.image_size) for f in files])
     outputs = [animal.network(images[i : i + 256], training=False) for i in range(0, len(images), 256)]
-    return (np.concatenate([np.asarray(o[0]) for o in outputs]),
-            np.concatenate([np.asarray(o[1]) for o in outputs]), animal.labels)
+    return (np.concatenate([np.asarray(o[0]) for o in outputs]), np.concatenate([np.asarray(o[1]) for o in outputs]), animal.labels)
 
 
 def quality(model_uri: str, db: Path, folder: Path) -> list[list]:
@@ -121,8 +121,10 @@ def quality(model_uri: str, db: Path, folder: Path) -> list[list]:
 
     hits: dict[str, list[float]] = {}
     for (_, query), vector in zip(frame[val].iterrows(), embeddings[val.to_numpy()]):
-        answers = {"as served (gallery of the predicted label)": served.similar(vector, query.predicted, K),
-                   "whole gallery (no label filter)": unfiltered.similar(vector, "any", K)}
+        answers = {
+            "as served (gallery of the predicted label)": served.similar(vector, query.predicted, K),
+            "whole gallery (no label filter)": unfiltered.similar(vector, "any", K),
+        }
         for mode, items in answers.items():
             found = by_id.loc[[item["id"] for item in items]]
             hits.setdefault(f"{mode}|label", []).append(float((found.label == query.label).mean()))
@@ -130,8 +132,10 @@ def quality(model_uri: str, db: Path, folder: Path) -> list[list]:
                 same = [traits.get(name) == query.traits.get(name) for traits in found.traits]
                 hits.setdefault(f"{mode}|{name}", []).append(float(np.mean(same)))
         # Chance: 5 random gallery images of the query's true label, or of any label.
-        for mode, pool in (("chance (random images of the true label)", train_rows[train_rows.label == query.label]),
-                           ("chance (random gallery images)", train_rows)):
+        for mode, pool in (
+            ("chance (random images of the true label)", train_rows[train_rows.label == query.label]),
+            ("chance (random gallery images)", train_rows),
+        ):
             hits.setdefault(f"{mode}|label", []).append(float((pool.label == query.label).mean()))
             for name in ATTRIBUTES:
                 share = np.mean([traits.get(name) == query.traits.get(name) for traits in pool.traits])
@@ -141,10 +145,8 @@ def quality(model_uri: str, db: Path, folder: Path) -> list[list]:
         mode, what = key.split("|")
         rows.setdefault(mode, {})[what] = float(np.mean(values))
     accuracy = float((frame[val].predicted == frame[val].label).mean())
-    print(f"\nquality: {val.sum()} validation queries, gallery of {train.sum()} train images, "
-          f"classifier accuracy {accuracy:.3f}")
-    return [[mode, *(values.get(what, float("nan")) for what in ("label", *ATTRIBUTES))]
-            for mode, values in rows.items()]
+    print(f"\nquality: {val.sum()} validation queries, gallery of {train.sum()} train images, classifier accuracy {accuracy:.3f}")
+    return [[mode, *(values.get(what, float("nan")) for what in ("label", *ATTRIBUTES))] for mode, values in rows.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,22 +175,27 @@ def main(argv: list[str] | None = None) -> int:
             # The naive way takes seconds per query at a million: fewer queries there.
             naive_queries = max(3, args.naive_queries * 16_000 // max(size, 16_000))
             rows += speed(size, args.dim, Path(tmp), args.queries, naive_queries)
-        table(f"Similar images, k={K}: query latency and memory by gallery size (3 labels, random {args.dim}-d "
-              "vectors)",
-              ["gallery", "way", "p50 ms", "p95 ms", "speed-up", "load s", "held MB", "peak MB (load)"], rows)
+        table(
+            f"Similar images, k={K}: query latency and memory by gallery size (3 labels, random {args.dim}-d vectors)",
+            ["gallery", "way", "p50 ms", "p95 ms", "speed-up", "load s", "held MB", "peak MB (load)"],
+            rows,
+        )
         at = {row[0]: row[2] for row in rows if row[1] == "ours"}
         if "16,000" in at:
-            print(f"target: at most 5 ms per query at 16,000: {at['16,000']:.2f} ms "
-                  f"({'met' if at['16,000'] <= 5 else 'missed'})")
+            print(f"target: at most 5 ms per query at 16,000: {at['16,000']:.2f} ms ({'met' if at['16,000'] <= 5 else 'missed'})")
         if "1,000,000" in at:
-            print(f"at 1,000,000: {at['1,000,000']:.1f} ms per query, brute force "
-                  f"{'within' if at['1,000,000'] <= 50 else 'over'} the 50 ms bound for an approximate index")
+            print(
+                f"at 1,000,000: {at['1,000,000']:.1f} ms per query, brute force "
+                f"{'within' if at['1,000,000'] <= 50 else 'over'} the 50 ms bound for an approximate index"
+            )
         if not args.no_quality:
             model = setup(args.model_uri, args.workdir, args.images_per_class, epochs=args.epochs, db=args.db)
             print(f"model: {model.model_uri} from {model.origin}", flush=True)
-            table("precision@5 of similar images (validation queries, train gallery)",
-                  ["answers", "same label", "same fur_color", "same pattern"],
-                  quality(model.model_uri, model.db, Path(tmp)))
+            table(
+                "precision@5 of similar images (validation queries, train gallery)",
+                ["answers", "same label", "same fur_color", "same pattern"],
+                quality(model.model_uri, model.db, Path(tmp)),
+            )
     return 0
 
 

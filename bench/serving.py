@@ -9,6 +9,7 @@ carries a real catalogue image as base64 JSON, prepared before the clock starts.
 
     python -m bench.serving [--model-uri models:/animal/Production] [--requests 400]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def run_load(url: str, bodies: list[bytes], concurrency: int, total: int) -> Loa
         with requests.Session() as session:
             for i in range(worker, total, concurrency):
                 start = time.perf_counter()
-                response = session.post(f"{url}/invocations", data=bodies[i % len(bodies)],
-                                        headers={"Content-Type": "application/json"}, timeout=120)
+                response = session.post(
+                    f"{url}/invocations", data=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}, timeout=120
+                )
                 latencies.append((time.perf_counter() - start) * 1000)
                 errors += not response.ok
         return latencies, errors
@@ -94,25 +96,31 @@ def plot(results: dict[tuple[str, int], Load], levels: list[int], path: Path) ->
     figure.savefig(path, dpi=110)
 
 
-def report(results: dict[tuple[str, int], Load], batches: dict[str, Load], levels: list[int],
-           batch_size: int) -> None:
+def report(results: dict[tuple[str, int], Load], batches: dict[str, Load], levels: list[int], batch_size: int) -> None:
     rows = []
     for level in levels:
         for way in WAYS:
             load, p = results[way, level], percentiles(results[way, level].latencies_ms)
             ratio = load.throughput / results["baseline", level].throughput
             rows.append([level, way, p["p50"], p["p95"], p["p99"], load.throughput, f"{ratio:.1f}x", load.errors])
-    table("Single image, end to end over HTTP", ["concurrency", "way", "p50 ms", "p95 ms", "p99 ms",
-                                                  "requests/s", "throughput vs baseline", "errors"], rows)
+    table(
+        "Single image, end to end over HTTP",
+        ["concurrency", "way", "p50 ms", "p95 ms", "p99 ms", "requests/s", "throughput vs baseline", "errors"],
+        rows,
+    )
     p50 = {way: percentiles(load.latencies_ms)["p50"] for way, load in batches.items()}
-    table(f"One request of {batch_size} images", ["way", "p50 ms", "ms per image", "speed-up", "errors"],
-          [[way, p50[way], p50[way] / batch_size, f"{p50['baseline'] / p50[way]:.1f}x", batches[way].errors]
-           for way in WAYS])
+    table(
+        f"One request of {batch_size} images",
+        ["way", "p50 ms", "ms per image", "speed-up", "errors"],
+        [[way, p50[way], p50[way] / batch_size, f"{p50['baseline'] / p50[way]:.1f}x", batches[way].errors] for way in WAYS],
+    )
     single = percentiles(results["ours", levels[0]].latencies_ms)["p50"]
     worst = min(results["ours", level].throughput / results["baseline", level].throughput for level in levels)
-    print(f"\ntargets: single-image p50 at concurrency {levels[0]}: {single:.1f} ms (target <= 15 ms: "
-          f"{'met' if single <= 15 else 'missed'}); throughput vs baseline, lowest over levels: {worst:.1f}x "
-          f"(target >= 3x: {'met' if worst >= 3 else 'missed'})")
+    print(
+        f"\ntargets: single-image p50 at concurrency {levels[0]}: {single:.1f} ms (target <= 15 ms: "
+        f"{'met' if single <= 15 else 'missed'}); throughput vs baseline, lowest over levels: {worst:.1f}x "
+        f"(target >= 3x: {'met' if worst >= 3 else 'missed'})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=40, help="unmeasured requests per server first")
     parser.add_argument("--workers", type=int, default=1, help="server workers, the same for both")
-    parser.add_argument("--workdir", type=Path, default=RESULTS / "pipeline",
-                        help="where to make a model if none is registered")
+    parser.add_argument("--workdir", type=Path, default=RESULTS / "pipeline", help="where to make a model if none is registered")
     parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS)
     parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     parser.add_argument("--plot", type=Path, default=RESULTS / "serving_latency.png")
@@ -139,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     val = catalogue_rows(model.db, split="val")
     images = [Path(f).read_bytes() for f in val.file.iloc[:64]]
     singles = [request_body([data]) for data in images]
-    batch = [request_body([images[(i + j) % len(images)] for j in range(args.batch_size)])
-             for i in range(4)]
-    print(f"machine: {machine()}\nmodel: {model.model_uri} from {model.origin}; "
-          f"{len(images)} distinct images, mean {sum(map(len, images)) / len(images) / 1024:.1f} KiB", flush=True)
+    batch = [request_body([images[(i + j) % len(images)] for j in range(args.batch_size)]) for i in range(4)]
+    print(
+        f"machine: {machine()}\nmodel: {model.model_uri} from {model.origin}; "
+        f"{len(images)} distinct images, mean {sum(map(len, images)) / len(images) / 1024:.1f} KiB",
+        flush=True,
+    )
 
     results: dict[tuple[str, int], Load] = {}
     batches: dict[str, Load] = {}
@@ -151,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         servers: dict[str, Served] = {}
         for way, uri in (("ours", model.model_uri), ("baseline", str(baseline))):
             # Both start at once and are waited for afterwards: neither waits for the other to load.
-            servers[way] = start_scoring_server(uri, tracking_uri=model.tracking_uri, workers=args.workers,
-                                                log=Path(tmp) / f"{way}.log")
+            servers[way] = start_scoring_server(uri, tracking_uri=model.tracking_uri, workers=args.workers, log=Path(tmp) / f"{way}.log")
             stack.callback(servers[way].stop)
         for server in servers.values():
             server.wait()

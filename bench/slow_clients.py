@@ -7,6 +7,7 @@ many slowloris connections (a request line, then one header line every second, n
 meanwhile a well-behaved client asks `GET /` `--asks` times with a 5 s timeout. Prints how many
 of its requests were answered and the slowest answer. The page needs no scoring server for `/`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--asks", type=int, default=10)
     args = parser.parse_args(argv)
     print(f"machine: {machine()}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp, page_server(f"http://127.0.0.1:{free_port()}",
-                                                           log=Path(tmp) / "page.log") as page:
+    with tempfile.TemporaryDirectory() as tmp, page_server(f"http://127.0.0.1:{free_port()}", log=Path(tmp) / "page.log") as page:
         rows = [trial(page.url, int(count), args.asks) for count in args.counts.split(",")]
-    table("GET / while slow clients trickle their headers (gunicorn.conf.py: 2 workers x 8 threads)",
-          ["slow clients", "answered (5 s timeout)", "slowest ms"], rows)
+    table(
+        "GET / while slow clients trickle their headers (gunicorn.conf.py: 2 workers x 8 threads)",
+        ["slow clients", "answered (5 s timeout)", "slowest ms"],
+        rows,
+    )
     return 0
 
 

@@ -48,8 +48,9 @@ def logistic_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te
     return float(clf.score(x_te.reshape(len(x_te), -1).astype(np.float32), y_te))
 
 
-def cnn_curve(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
-              epochs: int, seed: int) -> tuple[dict[str, list[float]], np.ndarray, float]:
+def cnn_curve(
+    x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, epochs: int, seed: int
+) -> tuple[dict[str, list[float]], np.ndarray, float]:
     """The project's default model and augmentation (steps.train), trained on these arrays:
     accuracy curves, final validation predictions, training seconds."""
     import keras
@@ -62,8 +63,12 @@ def cnn_curve(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.nda
     model = build_model(hp, SIDE, len(LABELS))
     compile_model(model, hp, steps_per_epoch=-(-len(x_tr) // hp.batch_size), epochs=epochs)
     augment = Augmentation(hp.augment, seed)
-    train = (tf.data.Dataset.from_tensor_slices((x_tr, y_tr)).shuffle(len(x_tr), seed=seed).batch(hp.batch_size)
-             .map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y)))
+    train = (
+        tf.data.Dataset.from_tensor_slices((x_tr, y_tr))
+        .shuffle(len(x_tr), seed=seed)
+        .batch(hp.batch_size)
+        .map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y))
+    )
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=4, restore_best_weights=True)
     t = time.perf_counter()
     hist = model.fit(train, validation_data=(x_te, y_te), epochs=epochs, callbacks=[stop], verbose=0)
@@ -87,16 +92,20 @@ def main() -> None:
 
     t = time.perf_counter()
     lr_acc = logistic_accuracy(x_tr, y_tr, x_te, y_te)
-    rows = [("ms per generated image (128x128)", f"{ms:.2f}"),
-            ("logistic regression, raw 64x64 pixels", f"{lr_acc:.3f}  ({time.perf_counter() - t:.0f} s)")]
+    rows = [
+        ("ms per generated image (128x128)", f"{ms:.2f}"),
+        ("logistic regression, raw 64x64 pixels", f"{lr_acc:.3f}  ({time.perf_counter() - t:.0f} s)"),
+    ]
     if not args.no_cnn:
         curves, pred, secs = cnn_curve(x_tr, y_tr, x_te, y_te, args.epochs, args.seed)
         val = curves["val_accuracy"]
-        rows += [("CNN val accuracy after 1 epoch", f"{val[0]:.3f}"),
-                 ("CNN best val accuracy", f"{max(val):.3f}  (epoch {int(np.argmax(val)) + 1} of {len(val)})"),
-                 ("CNN training time", f"{secs:.0f} s ({secs / len(val):.1f} s/epoch)"),
-                 ("CNN train accuracy per epoch", " ".join(f"{a:.2f}" for a in curves["accuracy"])),
-                 ("CNN val accuracy per epoch", " ".join(f"{a:.2f}" for a in val))]
+        rows += [
+            ("CNN val accuracy after 1 epoch", f"{val[0]:.3f}"),
+            ("CNN best val accuracy", f"{max(val):.3f}  (epoch {int(np.argmax(val)) + 1} of {len(val)})"),
+            ("CNN training time", f"{secs:.0f} s ({secs / len(val):.1f} s/epoch)"),
+            ("CNN train accuracy per epoch", " ".join(f"{a:.2f}" for a in curves["accuracy"])),
+            ("CNN val accuracy per epoch", " ".join(f"{a:.2f}" for a in val)),
+        ]
         # Where the errors are: accuracy of the restored best model per generator sub-type.
         subs = np.array(sub_te)
         for sub in sorted(set(sub_te)):

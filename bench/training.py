@@ -27,6 +27,7 @@ the ratio; epoch 1 is reported on its own: it is where our cache is filled. Phas
     python -m bench.training --sizes 64,96,128                 # + our epoch at each image size
     python -m bench.training --filters 8                       # a narrower network on both sides
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,19 @@ from steps.defaults import Hyperparameters
 
 WAYS = ("ours", "tutorial")
 # Phases measured in one process each: (way, phases).
-CHILDREN = (("ours", ("decode", "input")), ("tutorial", ("decode", "input")), ("ours", ("fit",)),
-            ("tutorial", ("fit",)), ("ours", ("plain",)))
-NAMES = {"decode": "images only", "input": "input pipeline (+ shuffle, augment)", "fit": "training epoch",
-         "plain": "training epoch, no augmentation"}
+CHILDREN = (
+    ("ours", ("decode", "input")),
+    ("tutorial", ("decode", "input")),
+    ("ours", ("fit",)),
+    ("tutorial", ("fit",)),
+    ("ours", ("plain",)),
+)
+NAMES = {
+    "decode": "images only",
+    "input": "input pipeline (+ shuffle, augment)",
+    "fit": "training epoch",
+    "plain": "training epoch, no augmentation",
+}
 
 
 def rehearsal_db(images_per_class: int, synthetic_size: int) -> Path:
@@ -84,8 +94,15 @@ def datasets(way: str, db: Path, image_size: int, hp: Hyperparameters, augment: 
     finally:
         conn.close()
     labels = sorted(frame.label.unique())
-    options = dict(labels="inferred", label_mode="int", class_names=labels, image_size=(image_size,) * 2,
-                   batch_size=batch_size, seed=seed, verbose=False)
+    options = dict(
+        labels="inferred",
+        label_mode="int",
+        class_names=labels,
+        image_size=(image_size,) * 2,
+        batch_size=batch_size,
+        seed=seed,
+        verbose=False,
+    )
     train_ds = keras_dataset(store / "train", shuffle=True, **options)
     val_ds = keras_dataset(store / "val", shuffle=False, **options)
     n_train = len(train_ds.file_paths)
@@ -115,8 +132,14 @@ def measure(way: str, phase: str, db: Path, image_size: int, hp: Hyperparameters
     train_ds, val_ds, labels, n_train = datasets(way, db, image_size, hp, phase in ("input", "fit"), seed)
     seconds: list[float] = []
     cpu_seconds: list[float] = []
-    result: dict = {"way": way, "phase": phase, "n_train": n_train, "epoch_s": seconds, "epoch_cpu_s": cpu_seconds,
-                    "setup_s": time.perf_counter() - started}
+    result: dict = {
+        "way": way,
+        "phase": phase,
+        "n_train": n_train,
+        "epoch_s": seconds,
+        "epoch_cpu_s": cpu_seconds,
+        "setup_s": time.perf_counter() - started,
+    }
 
     def begin(*_) -> None:
         seconds.append(-time.perf_counter())
@@ -146,9 +169,25 @@ def measure(way: str, phase: str, db: Path, image_size: int, hp: Hyperparameters
 
 def run_child(args: argparse.Namespace, way: str, phases: tuple[str, ...], db: Path, image_size: int) -> list[dict]:
     """Some phases of one way, in a fresh Python process."""
-    command = [sys.executable, "-m", "bench.training", "--child", f"{way}:{','.join(phases)}", "--db", str(db),
-               "--epochs", str(args.epochs), "--image-size", str(image_size), "--batch-size", str(args.batch_size),
-               "--filters", str(args.filters), "--seed", str(args.seed)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.training",
+        "--child",
+        f"{way}:{','.join(phases)}",
+        "--db",
+        str(db),
+        "--epochs",
+        str(args.epochs),
+        "--image-size",
+        str(image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--filters",
+        str(args.filters),
+        "--seed",
+        str(args.seed),
+    ]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{way} failed:\n{out.stderr[-3000:]}")
@@ -181,13 +220,35 @@ def report(results: dict[tuple[str, str], dict], n_val: int, image_size: int) ->
                 continue
             r = results[way, phase]
             first, later = first_epoch(r), steady(r["epoch_s"])
-            rows.append([NAMES[phase], way, first, r["n_train"] / first, later, r["n_train"] / later,
-                         f"{base / later:.2f}x" if base else "-", steady(r["epoch_cpu_s"]), r["peak_rss_mb"]])
+            rows.append(
+                [
+                    NAMES[phase],
+                    way,
+                    first,
+                    r["n_train"] / first,
+                    later,
+                    r["n_train"] / later,
+                    f"{base / later:.2f}x" if base else "-",
+                    steady(r["epoch_cpu_s"]),
+                    r["peak_rss_mb"],
+                ]
+            )
     n_train = results["ours", "fit"]["n_train"]
-    table(f"Training at {image_size} px, {n_train:,} training + {n_val:,} validation images per epoch; "
-          "later = median of epochs 2+",
-          ["what", "way", "epoch 1 s (with setup)", "epoch 1 img/s", "later s", "later img/s", "speed-up (later)",
-           "later CPU s", "peak RSS MB"], rows)
+    table(
+        f"Training at {image_size} px, {n_train:,} training + {n_val:,} validation images per epoch; later = median of epochs 2+",
+        [
+            "what",
+            "way",
+            "epoch 1 s (with setup)",
+            "epoch 1 img/s",
+            "later s",
+            "later img/s",
+            "speed-up (later)",
+            "later CPU s",
+            "peak RSS MB",
+        ],
+        rows,
+    )
     print("network: " + ", ".join(f"{way} {results[way, 'fit']['parameters']:,} parameters" for way in WAYS))
     final = {way: results[way, "fit"]["history"]["val_accuracy"][-1] for way in WAYS}
     print("val_accuracy after the last epoch: " + ", ".join(f"{way} {acc:.3f}" for way, acc in final.items()))
@@ -199,18 +260,27 @@ def report(results: dict[tuple[str, str], dict], n_val: int, image_size: int) ->
     augment_alone = steady(results["ours", "input"]["epoch_s"]) - steady(results["ours", "decode"]["epoch_s"])
     plain = steady(results["ours", "plain"]["epoch_s"])
     ours, tutorial = steady(results["ours", "fit"]["epoch_s"]), steady(results["tutorial", "fit"]["epoch_s"])
-    table("Where a steady-state epoch goes (seconds)", ["part", "seconds", "share of the tutorial's epoch"], [
-        ["decode + resize every image (tutorial, every epoch)", decode, f"{decode / tutorial:.0%}"],
-        ["ours: decode every image once, before epoch 1 (train + val)", results["ours", "fit"]["setup_s"],
-         f"{results['ours', 'fit']['setup_s'] / tutorial:.0%}"],
-        ["augmentation, alone", augment_alone, f"{augment_alone / tutorial:.0%}"],
-        ["augmentation, added to our training epoch", ours - plain, f"{(ours - plain) / tutorial:.0%}"],
-        ["network: forward + backward + validation (ours, no augmentation)", plain, f"{plain / tutorial:.0%}"],
-        ["our training epoch", ours, f"{ours / tutorial:.0%}"],
-        ["the tutorial's training epoch", tutorial, "100%"],
-    ])
-    print(f"our cache at this size: {cache_mb(n_train + n_val, image_size):,.1f} MB "
-          f"({n_train + n_val:,} images x {image_size}x{image_size}x3 bytes)")
+    table(
+        "Where a steady-state epoch goes (seconds)",
+        ["part", "seconds", "share of the tutorial's epoch"],
+        [
+            ["decode + resize every image (tutorial, every epoch)", decode, f"{decode / tutorial:.0%}"],
+            [
+                "ours: decode every image once, before epoch 1 (train + val)",
+                results["ours", "fit"]["setup_s"],
+                f"{results['ours', 'fit']['setup_s'] / tutorial:.0%}",
+            ],
+            ["augmentation, alone", augment_alone, f"{augment_alone / tutorial:.0%}"],
+            ["augmentation, added to our training epoch", ours - plain, f"{(ours - plain) / tutorial:.0%}"],
+            ["network: forward + backward + validation (ours, no augmentation)", plain, f"{plain / tutorial:.0%}"],
+            ["our training epoch", ours, f"{ours / tutorial:.0%}"],
+            ["the tutorial's training epoch", tutorial, "100%"],
+        ],
+    )
+    print(
+        f"our cache at this size: {cache_mb(n_train + n_val, image_size):,.1f} MB "
+        f"({n_train + n_val:,} images x {image_size}x{image_size}x3 bytes)"
+    )
     return tutorial / ours
 
 
@@ -221,11 +291,22 @@ def sizes_report(args: argparse.Namespace, db: Path, sizes: list[int], n_val: in
         print(f"measuring ours at {size} px ...", flush=True)
         (r,) = run_child(args, "ours", ("fit",), db, size)
         later = steady(r["epoch_s"])
-        rows.append([size, first_epoch(r), later, r["n_train"] / later, cache_mb(r["n_train"] + n_val, size),
-                     r["peak_rss_mb"], r["history"]["val_accuracy"][-1]])
-    table(f"Our training epoch by image size ({args.epochs} epochs each)",
-          ["image size", "epoch 1 s (with setup)", "later s", "later img/s", "cache MB", "peak RSS MB",
-           "val_accuracy (last epoch)"], rows)
+        rows.append(
+            [
+                size,
+                first_epoch(r),
+                later,
+                r["n_train"] / later,
+                cache_mb(r["n_train"] + n_val, size),
+                r["peak_rss_mb"],
+                r["history"]["val_accuracy"][-1],
+            ]
+        )
+    table(
+        f"Our training epoch by image size ({args.epochs} epochs each)",
+        ["image size", "epoch 1 s (with setup)", "later s", "later img/s", "cache MB", "peak RSS MB", "val_accuracy (last epoch)"],
+        rows,
+    )
 
 
 def plot(results: dict[tuple[str, str], dict], path: Path) -> None:
@@ -239,16 +320,20 @@ def plot(results: dict[tuple[str, str], dict], path: Path) -> None:
     for way in WAYS:
         for phase, style in (("decode", ":"), ("input", "-")):
             r = results[way, phase]
-            axes[0].plot(range(1, len(r["epoch_s"]) + 1), [r["n_train"] / s for s in r["epoch_s"]],
-                         marker="o", linestyle=style, label=f"{way}: {phase}")
+            axes[0].plot(
+                range(1, len(r["epoch_s"]) + 1),
+                [r["n_train"] / s for s in r["epoch_s"]],
+                marker="o",
+                linestyle=style,
+                label=f"{way}: {phase}",
+            )
         fit = results[way, "fit"]
         epochs = range(1, len(fit["epoch_s"]) + 1)
         axes[1].plot(epochs, fit["epoch_s"], marker="o", label=way)
         axes[2].plot(epochs, fit["history"]["val_accuracy"], marker="o", label=f"{way}: val")
         axes[2].plot(epochs, fit["history"]["accuracy"], marker=".", linestyle="--", label=f"{way}: train")
     plain = results["ours", "plain"]
-    axes[1].plot(range(1, len(plain["epoch_s"]) + 1), plain["epoch_s"], marker="x", linestyle=":",
-                 label="ours, no augmentation")
+    axes[1].plot(range(1, len(plain["epoch_s"]) + 1), plain["epoch_s"], marker="x", linestyle=":", label="ours, no augmentation")
     axes[0].set(title="Input pipeline alone", xlabel="epoch", ylabel="images / s (log)", yscale="log")
     axes[1].set(title="Training epoch (fit, with validation)", xlabel="epoch", ylabel="seconds", ylim=(0, None))
     axes[2].set(title="Accuracy: same model, same images", xlabel="epoch")
@@ -270,15 +355,20 @@ def val_count(db: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", type=Path, help="catalogue to measure (default: the synthetic rehearsal below)")
-    parser.add_argument("--images-per-class", type=int, default=500,
-                        help="rehearsal: train + val per class (AFHQ: about 5,400; 5000 rehearses it)")
+    parser.add_argument(
+        "--images-per-class", type=int, default=500, help="rehearsal: train + val per class (AFHQ: about 5,400; 5000 rehearses it)"
+    )
     parser.add_argument("--synthetic-size", type=int, default=512, help="rehearsal: pixels per side of the files")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per way (the first one is reported apart)")
     parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
     parser.add_argument("--sizes", default="", help="also our epoch at these image sizes, e.g. 64,96,128")
     parser.add_argument("--batch-size", type=int, default=Hyperparameters.batch_size)
-    parser.add_argument("--filters", type=int, default=Hyperparameters.filters,
-                        help="the network's width, on both sides (a cheaper network step: the pipeline counts more)")
+    parser.add_argument(
+        "--filters",
+        type=int,
+        default=Hyperparameters.filters,
+        help="the network's width, on both sides (a cheaper network step: the pipeline counts more)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.SEED)
     parser.add_argument("--plot", type=Path, default=RESULTS / "training.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # way:phase,phase measured in this process
@@ -287,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         way, phases = args.child.split(":")
         hp = Hyperparameters(batch_size=args.batch_size, filters=args.filters)
-        print(json.dumps([measure(way, phase, args.db, args.image_size, hp, args.epochs, args.seed)
-                          for phase in phases.split(",")]))
+        print(json.dumps([measure(way, phase, args.db, args.image_size, hp, args.epochs, args.seed) for phase in phases.split(",")]))
         return 0
     db = args.db or rehearsal_db(args.images_per_class, args.synthetic_size)
     n_val = val_count(db)
@@ -304,9 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.plot)
     if args.sizes:
         sizes_report(args, db, [int(s) for s in args.sizes.split(",")], n_val)
-    print(f"\ntargets: steady-state training epoch at least 2x faster than the tutorial way: {speedup:.2f}x "
-          f"({'met' if speedup >= 2 else 'missed'}); first epoch no slower: {first:.2f}x "
-          f"({'met' if first >= 1 else 'missed'})\nmachine after: {machine()}\nplot: {args.plot}")
+    print(
+        f"\ntargets: steady-state training epoch at least 2x faster than the tutorial way: {speedup:.2f}x "
+        f"({'met' if speedup >= 2 else 'missed'}); first epoch no slower: {first:.2f}x "
+        f"({'met' if first >= 1 else 'missed'})\nmachine after: {machine()}\nplot: {args.plot}"
+    )
     return 0
 
 

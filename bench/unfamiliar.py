@@ -12,6 +12,7 @@ Without --model-uri, a model is trained the project's default way (600 synthetic
 `steps.train.train` with its defaults) into bench/results/unfamiliar/, with its own tracking store;
 later runs reuse it. The real photos: every image under --real (AFHQ layout or any folders).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,7 @@ def fresh_synthetic(workdir: Path) -> list[Path]:
 
     folder = workdir / f"fresh-{FRESH_SEED}"
     if not (folder / "metadata.csv").is_file():
-        extract("synthetic", folder / "images", folder / "metadata.csv", images_per_class=FRESH_PER_CLASS,
-                seed=FRESH_SEED)
+        extract("synthetic", folder / "images", folder / "metadata.csv", images_per_class=FRESH_PER_CLASS, seed=FRESH_SEED)
     return sorted((folder / "images").rglob("*.jpg"))
 
 
@@ -108,22 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     }
     real = groups[f"real photos ({args.real.name})"]
     truth = [f.parent.name for f in real_files]
-    rows = [[name, len(out), f"{out.unfamiliar.astype(bool).mean():.1%}",
-             f"{np.median(out.familiarity.astype(float)):.3f}"] for name, out in groups.items()]
+    rows = [
+        [name, len(out), f"{out.unfamiliar.astype(bool).mean():.1%}", f"{np.median(out.familiarity.astype(float)):.3f}"]
+        for name, out in groups.items()
+    ]
     table("Share flagged `unfamiliar` at the stored threshold", ["images", "n", "flagged", "median familiarity"], rows)
     synthetic_val, fresh = (groups[name].familiarity.to_numpy(float) for name in list(groups)[:2])
     real_scores = real.familiarity.to_numpy(float)
     flagged = float(real.unfamiliar.astype(bool).mean())
     area, area_fresh = auroc(synthetic_val, real_scores), auroc(fresh, real_scores)
-    table("Targets", ["measure", "target", "measured", ""], [
-        ["AUROC of familiarity, synthetic validation vs real", "at least 0.95", f"{area:.3f}",
-         "met" if area >= 0.95 else "missed"],
-        ["AUROC of familiarity, fresh synthetic vs real", "(out of sample)", f"{area_fresh:.3f}", ""],
-        ["real photos flagged", "at least 90%", f"{flagged:.1%}", "met" if flagged >= 0.9 else "missed"],
-    ])
+    table(
+        "Targets",
+        ["measure", "target", "measured", ""],
+        [
+            ["AUROC of familiarity, synthetic validation vs real", "at least 0.95", f"{area:.3f}", "met" if area >= 0.95 else "missed"],
+            ["AUROC of familiarity, fresh synthetic vs real", "(out of sample)", f"{area_fresh:.3f}", ""],
+            ["real photos flagged", "at least 90%", f"{flagged:.1%}", "met" if flagged >= 0.9 else "missed"],
+        ],
+    )
     right = np.mean([label == t for label, t in zip(real.label, truth, strict=True)])
-    print(f"\nThe same model's accuracy on the real photos (folder name = class): {right:.3f} "
-          f"(validation accuracy on synthetic: {np.mean(groups[list(groups)[0]].label.to_numpy() == val.label.to_numpy()):.3f})")
+    print(
+        f"\nThe same model's accuracy on the real photos (folder name = class): {right:.3f} "
+        f"(validation accuracy on synthetic: {np.mean(groups[list(groups)[0]].label.to_numpy() == val.label.to_numpy()):.3f})"
+    )
     print(f"model {model_uri}; machine after: {machine()}")
     return 0
 

@@ -7,6 +7,7 @@ Two databases, one schema, one set of functions:
   schema in schema.postgresql.sql), reached through SQLAlchemy Core and psycopg.
 `connect` returns a sqlite3 connection or a SQLAlchemy connection; every function here takes either.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,10 +58,10 @@ RETURNING (xmax = 0) AS inserted
 """
 SET_SETTING = {
     "sqlite": "INSERT INTO settings (key, value) VALUES (:key, :value) "
-              "ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE value IS NOT excluded.value",
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE value IS NOT excluded.value",
     "postgresql": "INSERT INTO settings (key, value) VALUES (:key, :value) "
-                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value "
-                  "WHERE settings.value IS DISTINCT FROM excluded.value",
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value "
+    "WHERE settings.value IS DISTINCT FROM excluded.value",
 }
 
 # The same order on both: PostgreSQL would otherwise sort by its locale.
@@ -152,8 +153,7 @@ def _engine(url: str, readonly: bool):
             options = {"connect_timeout": 5, "application_name": "animal-faces"}
             if readonly:
                 options["options"] = "-c default_transaction_read_only=on"
-            _engines[key] = create_engine(_driver_url(url), connect_args=options, pool_pre_ping=True,
-                                          pool_size=4, max_overflow=8)
+            _engines[key] = create_engine(_driver_url(url), connect_args=options, pool_pre_ping=True, pool_size=4, max_overflow=8)
         return _engines[key]
 
 
@@ -165,7 +165,8 @@ def _connect_postgres(url: str, readonly: bool):
     except exc.OperationalError as error:
         raise CatalogueUnreachable(
             f"the catalogue database {describe(url)} is unreachable ({_reason(error)}): start it "
-            "(`make team-up` on this machine) or check --db / ANIMAL_DB") from None
+            "(`make team-up` on this machine) or check --db / ANIMAL_DB"
+        ) from None
     except exc.ArgumentError as error:
         raise CatalogueError(f"not a database URL: {describe(url)} ({error})") from None
     try:
@@ -173,8 +174,7 @@ def _connect_postgres(url: str, readonly: bool):
             found = conn.execute(text("SELECT to_regclass('images') IS NOT NULL")).scalar()
             conn.commit()
             if not found:
-                raise CatalogueMissing(f"catalogue not found: {describe(url)} has no images table "
-                                       "(run the populate step first)")
+                raise CatalogueMissing(f"catalogue not found: {describe(url)} has no images table (run the populate step first)")
         else:
             with conn.begin():
                 conn.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": SCHEMA_LOCK})
@@ -310,15 +310,14 @@ def images(conn, split: str | None = None) -> pd.DataFrame:
         from sqlalchemy import text
 
         started = not conn.in_transaction()
-        result = conn.execute(text("SELECT * FROM images WHERE CAST(:split AS TEXT) IS NULL OR split = :split "
-                                   "ORDER BY id"), {"split": split})
+        result = conn.execute(
+            text("SELECT * FROM images WHERE CAST(:split AS TEXT) IS NULL OR split = :split ORDER BY id"), {"split": split}
+        )
         frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
         if started:
             conn.commit()
     else:
-        frame = pd.read_sql_query(
-            "SELECT * FROM images WHERE ? IS NULL OR split = ? ORDER BY id", conn, params=(split, split)
-        )
+        frame = pd.read_sql_query("SELECT * FROM images WHERE ? IS NULL OR split = ? ORDER BY id", conn, params=(split, split))
     store = image_store.open_store(store_root(conn))
     frame["file"] = [store.location(p) for p in frame["path"]]
     return frame

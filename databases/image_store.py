@@ -10,6 +10,7 @@ Two kinds, one interface:
 The catalogue records keys relative to the store; a key never leaves it (no '..', no absolute
 path, no symlink out of a folder store).
 """
+
 from __future__ import annotations
 
 import functools
@@ -130,15 +131,19 @@ class ObjectStore:
             if code in ("NoSuchKey", "404"):
                 return None
             if code == "NoSuchBucket":
-                raise StoreError(f"the image store {self.url}: bucket {self.bucket!r} does not exist "
-                                 f"(create it, e.g. `aws s3 mb s3://{self.bucket}`)") from None
+                raise StoreError(
+                    f"the image store {self.url}: bucket {self.bucket!r} does not exist (create it, e.g. `aws s3 mb s3://{self.bucket}`)"
+                ) from None
             raise StoreError(f"the image store {self.url} refused {operation}: {code or error}") from None
         except NoCredentialsError:
-            raise StoreError(f"the image store {self.url}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
-                             "AWS_SECRET_ACCESS_KEY, or a profile)") from None
+            raise StoreError(
+                f"the image store {self.url}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile)"
+            ) from None
         except EndpointConnectionError:
-            raise StoreError(f"the image store {self.url} is unreachable at {endpoint() or 'AWS S3'} "
-                             "(start the object store, or set AWS_ENDPOINT_URL / MLFLOW_S3_ENDPOINT_URL)") from None
+            raise StoreError(
+                f"the image store {self.url} is unreachable at {endpoint() or 'AWS S3'} "
+                "(start the object store, or set AWS_ENDPOINT_URL / MLFLOW_S3_ENDPOINT_URL)"
+            ) from None
         except BotoCoreError as error:
             raise StoreError(f"the image store {self.url}: {error}") from None
 
@@ -167,8 +172,7 @@ def _client():
             import boto3
             from botocore.config import Config
 
-            config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
-                            max_pool_connections=32)
+            config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32)
             _clients[key] = boto3.client("s3", endpoint_url=key[1], config=config)
         return _clients[key]
 

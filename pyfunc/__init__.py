@@ -4,6 +4,7 @@ Importing this package sets the environment that TensorFlow and MLflow read when
 one place the project sets it. `steps`, `web`, `bench` and `tests` import it from their own
 `__init__`, so it is in force before any of their modules imports TensorFlow.
 """
+
 import os
 
 # TensorFlow's C++ chatter (CPU features, kernel notices) would bury the training log. Not all of

@@ -19,6 +19,7 @@ samples and adversarial attacks"):
 
 Only numpy is needed to score: the served model loads the fitted statistics from one .npz file.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,7 @@ class Familiarity:
     flag_share: float = FLAG_SHARE
 
     @classmethod
-    def fit(cls, train: np.ndarray, labels: np.ndarray, validation: np.ndarray,
-            flag_share: float = FLAG_SHARE) -> Familiarity:
+    def fit(cls, train: np.ndarray, labels: np.ndarray, validation: np.ndarray, flag_share: float = FLAG_SHARE) -> Familiarity:
         """Fit on pooled training features with their class indices; calibrate on validation's."""
         from sklearn.covariance import LedoitWolf  # training only: serving needs numpy alone
 
@@ -103,8 +103,7 @@ class Familiarity:
         return float(self.reference[index])
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, means=self.means, whitening=self.whitening, reference=self.reference,
-                 flag_share=np.float64(self.flag_share))
+        np.savez(path, means=self.means, whitening=self.whitening, reference=self.reference, flag_share=np.float64(self.flag_share))
 
     @classmethod
     def load(cls, path: str | Path) -> Familiarity:

@@ -4,6 +4,7 @@ Input: a DataFrame with a column `image` (base64 text or raw bytes of an image f
 Output: one row per image with label, confidence, probabilities, uncertain, similar, error,
 unfamiliar and familiarity. The contract is in docs/design.md ("The served model").
 """
+
 from __future__ import annotations
 
 import json
@@ -36,23 +37,23 @@ MAX_REQUEST_PIXELS = 200_000_000
 OUTPUT_COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error", "unfamiliar", "familiarity"]
 
 
-
 def signature(labels: list[str]) -> ModelSignature:
     """Input, output and params of the model, as MLflow shows and checks them."""
-    similar = Array(Object([Property("id", "long"), Property("path", "string"),
-                            Property("label", "string"), Property("score", "double")]))
+    similar = Array(Object([Property("id", "long"), Property("path", "string"), Property("label", "string"), Property("score", "double")]))
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),  # base64 text; raw bytes pass too in Python
-        outputs=Schema([
-            ColSpec("string", "label", required=False),
-            ColSpec("double", "confidence", required=False),
-            ColSpec(Object([Property(label, "double") for label in labels]), "probabilities", required=False),
-            ColSpec("boolean", "uncertain", required=False),
-            ColSpec(similar, "similar"),
-            ColSpec("string", "error", required=False),
-            ColSpec("boolean", "unfamiliar", required=False),
-            ColSpec("double", "familiarity", required=False),
-        ]),
+        outputs=Schema(
+            [
+                ColSpec("string", "label", required=False),
+                ColSpec("double", "confidence", required=False),
+                ColSpec(Object([Property(label, "double") for label in labels]), "probabilities", required=False),
+                ColSpec("boolean", "uncertain", required=False),
+                ColSpec(similar, "similar"),
+                ColSpec("string", "error", required=False),
+                ColSpec("boolean", "unfamiliar", required=False),
+                ColSpec("double", "familiarity", required=False),
+            ]
+        ),
         params=ParamSchema([ParamSpec("k", "long", DEFAULT_K), ParamSpec("threshold", "double", DEFAULT_THRESHOLD)]),
     )
 
@@ -66,8 +67,7 @@ def with_embedding(classifier, taps: list[str] | tuple[str, ...] = ()):
     def spatial_mean(tensor):
         return keras.ops.mean(tensor, axis=(1, 2)) if len(tensor.shape) == 4 else tensor
 
-    outputs = [classifier.get_layer(EMBEDDING_LAYER).output,
-               *(spatial_mean(classifier.get_layer(name).output) for name in taps)]
+    outputs = [classifier.get_layer(EMBEDDING_LAYER).output, *(spatial_mean(classifier.get_layer(name).output) for name in taps)]
     return keras.Model(classifier.inputs, [classifier.outputs[0], *outputs])
 
 
@@ -87,7 +87,8 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
         # layer, several times the cost of the arithmetic for one small image (bench/serving.py).
         self._forward = tf.function(
             lambda images: self.network(images, training=False),
-            input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)])
+            input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)],
+        )
         self._forward(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace now, not in a request
         self.recommender = Recommender(context.artifacts["recommender"])
 
@@ -120,8 +121,7 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
                 rows[index] = self._answer(p, e, f, k, threshold)
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
 
-    def _answer(self, probabilities: np.ndarray, embedding: np.ndarray, familiarity: float, k: int,
-                threshold: float) -> dict:
+    def _answer(self, probabilities: np.ndarray, embedding: np.ndarray, familiarity: float, k: int, threshold: float) -> dict:
         best = int(np.argmax(probabilities))
         label, confidence = self.labels[best], float(probabilities[best])
         return {
@@ -137,8 +137,16 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
 
 
 def _error_row(message: str) -> dict:
-    return {"label": None, "confidence": None, "probabilities": None, "uncertain": None,
-            "similar": [], "error": message, "unfamiliar": None, "familiarity": None}
+    return {
+        "label": None,
+        "confidence": None,
+        "probabilities": None,
+        "uncertain": None,
+        "similar": [],
+        "error": message,
+        "unfamiliar": None,
+        "familiarity": None,
+    }
 
 
 def _read_params(params: dict) -> tuple[int, float]:
@@ -146,11 +154,9 @@ def _read_params(params: dict) -> tuple[int, float]:
         k = int(params.get("k", DEFAULT_K))
         threshold = float(params.get("threshold", DEFAULT_THRESHOLD))
     except (TypeError, ValueError):
-        raise MlflowException("params: k must be an integer, threshold a number",
-                              error_code=INVALID_PARAMETER_VALUE) from None
+        raise MlflowException("params: k must be an integer, threshold a number", error_code=INVALID_PARAMETER_VALUE) from None
     if not 0 <= k <= MAX_K or not 0.0 <= threshold <= 1.0:
-        raise MlflowException(f"params: k must be in 0..{MAX_K}, threshold in 0..1",
-                              error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(f"params: k must be in 0..{MAX_K}, threshold in 0..1", error_code=INVALID_PARAMETER_VALUE)
     return k, threshold
 
 
@@ -182,20 +188,36 @@ def log_animal_model(
     config_path = workdir / "config.json"
     familiarity_path = workdir / "familiarity.npz"
     familiarity.save(familiarity_path)
-    config_path.write_text(json.dumps({
-        "labels": list(labels), "image_size": image_size, "max_pixels": MAX_PIXELS,
-        # The statistics are in familiarity.npz; these are for people reading the model's files.
-        "familiarity": {"layers": list(familiarity_layers), "threshold": familiarity.threshold,
-                        "flag_share": familiarity.flag_share},
-    }, indent=2))
+    config_path.write_text(
+        json.dumps(
+            {
+                "labels": list(labels),
+                "image_size": image_size,
+                "max_pixels": MAX_PIXELS,
+                # The statistics are in familiarity.npz; these are for people reading the model's files.
+                "familiarity": {
+                    "layers": list(familiarity_layers),
+                    "threshold": familiarity.threshold,
+                    "flag_share": familiarity.flag_share,
+                },
+            },
+            indent=2,
+        )
+    )
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=AnimalModel(),
-        artifacts={"keras_model": str(keras_path), "config": str(config_path), "recommender": str(gallery_db),
-                   "familiarity": str(familiarity_path)},
+        artifacts={
+            "keras_model": str(keras_path),
+            "config": str(config_path),
+            "recommender": str(gallery_db),
+            "familiarity": str(familiarity_path),
+        },
         code_paths=[str(Path(__file__).parent)],
         pip_requirements=pip_requirements(),
         signature=signature(labels),
-        input_example=(pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]}),
-                       {"k": DEFAULT_K, "threshold": DEFAULT_THRESHOLD}),
+        input_example=(
+            pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]}),
+            {"k": DEFAULT_K, "threshold": DEFAULT_THRESHOLD},
+        ),
     )

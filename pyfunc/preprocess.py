@@ -3,6 +3,7 @@
 Training (steps/train.py) and serving (pyfunc/model.py) both call `load_image`, so a photo is
 decoded, oriented, converted and resized the same way in both: no train/serve skew.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,9 +28,15 @@ GIVE_BACK_ABOVE = 4_000_000  # pixels: after decoding a bigger image, freed memo
 _MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None) if sys.platform == "linux" else None
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # EXIF orientation -> the transposition that shows the image upright (as ImageOps.exif_transpose).
-ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageError(ValueError):
@@ -84,8 +91,7 @@ def request_problem(values, max_rows: int, max_pixels: int) -> str | None:
     timeout (too many rows, or more pixels in all than `max_pixels`, read from the headers), or
     None. Unreadable cells are left for their own row's error."""
     if len(values) > max_rows:
-        return (f"too many rows: {len(values):,} in one request (at most {max_rows:,}); "
-                "score large batches with `mlflow run . -e score`")
+        return f"too many rows: {len(values):,} in one request (at most {max_rows:,}); score large batches with `mlflow run . -e score`"
     total = 0
     for value in values:
         try:
@@ -94,8 +100,10 @@ def request_problem(values, max_rows: int, max_pixels: int) -> str | None:
             continue
         total += width * height
         if total > max_pixels:
-            return (f"too many pixels in one request (over {max_pixels:,} in all); send fewer or smaller "
-                    "images per request, or score them with `mlflow run . -e score`")
+            return (
+                f"too many pixels in one request (over {max_pixels:,} in all); send fewer or smaller "
+                "images per request, or score them with `mlflow run . -e score`"
+            )
     return None
 
 

@@ -4,6 +4,7 @@ The gallery is a small SQLite file bundled with the model (id, path, label, embe
 served model answers without reaching the catalogue. It is read once into one normalised
 matrix per label; a query is then one matrix-vector product per image.
 """
+
 from __future__ import annotations
 
 import sqlite3

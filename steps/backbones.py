@@ -9,6 +9,7 @@ ImageNet weights are the files Keras itself downloads into its cache (`~/.keras/
 `$KERAS_HOME/models/`). Without internet the download fails: we say, in one line, which file to put
 there or to pass as `--weights <path>`.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,14 +30,17 @@ class Backbone:
 
 BACKBONES = {
     "mobilenet_v3_small": Backbone(
-        "MobileNetV3Small", "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
-        "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v3/"
+        "MobileNetV3Small",
         "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
-        "d3e8ec802a04aa4fc771ee12a9a9b836"),
+        "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+        "d3e8ec802a04aa4fc771ee12a9a9b836",
+    ),
     "efficientnet_b0": Backbone(
-        "EfficientNetB0", "efficientnetb0_notop.h5",
+        "EfficientNetB0",
+        "efficientnetb0_notop.h5",
         "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
-        "50bc09e76180e00e4465e1a485ddc09d"),
+        "50bc09e76180e00e4465e1a485ddc09d",
+    ),
 }
 CHOICES = (CNN, *BACKBONES)
 
@@ -62,8 +66,9 @@ def download(backbone: Backbone, cache: Path) -> str:
     """The ImageNet weights file, fetched into Keras' cache unless it is there already."""
     import keras
 
-    return keras.utils.get_file(backbone.file, backbone.origin, cache_subdir=cache.name,
-                                cache_dir=str(cache.parent), file_hash=backbone.md5)
+    return keras.utils.get_file(
+        backbone.file, backbone.origin, cache_subdir=cache.name, cache_dir=str(cache.parent), file_hash=backbone.md5
+    )
 
 
 def weights_file(name: str, weights: str) -> str | None:
@@ -82,7 +87,8 @@ def weights_file(name: str, weights: str) -> str | None:
         raise WeightsUnavailable(
             f"weights=imagenet for {name}: {backbone.file} is not in {cache} and cannot be downloaded "
             f"({reason}); put that file (from {backbone.origin}) into {cache}/, or pass weights=<path "
-            f"to it>, or weights=none") from None
+            f"to it>, or weights=none"
+        ) from None
 
 
 def build(name: str, weights: str, image_size: int):

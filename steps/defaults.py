@@ -4,6 +4,7 @@ The command-line flags of every step, the MLproject's parameters (tests/test_def
 any difference), tune's search space and the benchmarks all read their defaults from here, so
 `make run`, `mlflow run . -e train`, `python -m steps.train` and the benchmarks train one network.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ The source is `synthetic` (the embedded, seeded generator) or an AFHQ download: 
 .zip laid out as {train,val}/{cat,dog,wild}/*.jpg, optionally under one top folder (afhq/).
 Unreadable or non-image files are skipped with a warning and counted; they never stop a run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,7 @@ def extract(
     store = open_store(image_store)
     if source == "synthetic":
         if not MIN_SYNTHETIC_SIZE <= synthetic_size <= MAX_SYNTHETIC_SIZE:
-            raise SourceError(f"synthetic_size must be {MIN_SYNTHETIC_SIZE} to {MAX_SYNTHETIC_SIZE} pixels, "
-                              f"not {synthetic_size}")
+            raise SourceError(f"synthetic_size must be {MIN_SYNTHETIC_SIZE} to {MAX_SYNTHETIC_SIZE} pixels, not {synthetic_size}")
         images = _synthetic(images_per_class, val_fraction, seed, synthetic_size)
         total, source_name = len(LABELS) * images_per_class, "synthetic"
     else:
@@ -118,9 +118,14 @@ def _row(image: SourceImage, store: FolderStore | ObjectStore, source_name: str,
         log.warning("skipped %s/%s/%s: %s", image.split, image.label, image.name, error)
         return None
     return {
-        "path": _store(image, store, report), "split": image.split, "label": image.label,
-        "sha256": hashlib.sha256(image.data).hexdigest(), "width": width, "height": height,
-        "bytes": len(image.data), "source": source_name,
+        "path": _store(image, store, report),
+        "split": image.split,
+        "label": image.label,
+        "sha256": hashlib.sha256(image.data).hexdigest(),
+        "width": width,
+        "height": height,
+        "bytes": len(image.data),
+        "source": source_name,
         "attributes": json.dumps(image.attributes, sort_keys=True),
     }
 
@@ -128,10 +133,12 @@ def _row(image: SourceImage, store: FolderStore | ObjectStore, source_name: str,
 def _synthetic(images_per_class: int, val_fraction: float, seed: int, size: int) -> Iterator[SourceImage]:
     """The generator's images, in a fixed order; drawn by a pool of processes when there are many."""
     n_val = round(images_per_class * val_fraction)
-    tasks = [(split, label, [seed, split_index, label_index, i], size)
-             for split_index, (split, count) in enumerate((("train", images_per_class - n_val), ("val", n_val)))
-             for label_index, label in enumerate(LABELS)
-             for i in range(count)]
+    tasks = [
+        (split, label, [seed, split_index, label_index, i], size)
+        for split_index, (split, count) in enumerate((("train", images_per_class - n_val), ("val", n_val)))
+        for label_index, label in enumerate(LABELS)
+        for i in range(count)
+    ]
     workers = min(os.cpu_count() or 1, len(tasks) // PARALLEL_FROM)
     if workers < 2:
         yield from map(_draw, tasks)
@@ -177,8 +184,7 @@ def _afhq(source: Path, report: ExtractReport) -> tuple[Iterator[SourceImage], i
     report.ignored = len(entries) - len(laid_out)
     if not laid_out:
         raise SourceError(
-            f"no images laid out as {{train,val}}/{{cat,dog,wild}}/<file> in {source} "
-            "(optionally under one top folder such as afhq/)"
+            f"no images laid out as {{train,val}}/{{cat,dog,wild}}/<file> in {source} (optionally under one top folder such as afhq/)"
         )
 
     def images() -> Iterator[SourceImage]:
@@ -247,15 +253,17 @@ def _store(image: SourceImage, store: FolderStore | ObjectStore, report: Extract
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=defaults.SOURCE, help="'synthetic' or an AFHQ folder or .zip")
-    parser.add_argument("--image-store", type=root_argument, default=defaults.IMAGE_STORE,
-                        help="a folder or s3://bucket/prefix")
+    parser.add_argument("--image-store", type=root_argument, default=defaults.IMAGE_STORE, help="a folder or s3://bucket/prefix")
     parser.add_argument("--metadata", type=Path, default=defaults.METADATA)
-    parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS,
-                        help="synthetic only: train + val")
+    parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS, help="synthetic only: train + val")
     parser.add_argument("--val-fraction", type=float, default=defaults.VAL_FRACTION, help="synthetic only")
     parser.add_argument("--seed", type=int, default=defaults.SEED, help="synthetic only")
-    parser.add_argument("--synthetic-size", type=int, default=defaults.SYNTHETIC_SIZE,
-                        help="synthetic only: pixels per side of the image files (512: AFHQ's size and weight)")
+    parser.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=defaults.SYNTHETIC_SIZE,
+        help="synthetic only: pixels per side of the image files (512: AFHQ's size and weight)",
+    )
     return parser
 
 
@@ -264,14 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        report = extract(args.source, args.image_store, args.metadata, args.images_per_class,
-                         args.val_fraction, args.seed, args.synthetic_size)
+        report = extract(
+            args.source, args.image_store, args.metadata, args.images_per_class, args.val_fraction, args.seed, args.synthetic_size
+        )
     except SourceError as error:
         print(f"extract: error: {error}", file=sys.stderr)
         return 2
     _log_to_mlflow(args, report)
-    print(f"extract: {report.written} written, {report.unchanged} already in the store, "
-          f"{len(report.skipped)} skipped, {report.ignored} ignored (outside the layout) -> {args.metadata}")
+    print(
+        f"extract: {report.written} written, {report.unchanged} already in the store, "
+        f"{len(report.skipped)} skipped, {report.ignored} ignored (outside the layout) -> {args.metadata}"
+    )
     return 0
 
 
@@ -283,8 +294,9 @@ def _log_to_mlflow(args: argparse.Namespace, report: ExtractReport) -> None:
 
     with start_run("extract"):
         mlflow.log_params(vars(args))
-        mlflow.log_metrics({"written": report.written, "unchanged": report.unchanged,
-                            "skipped": len(report.skipped), "ignored": report.ignored})
+        mlflow.log_metrics(
+            {"written": report.written, "unchanged": report.unchanged, "skipped": len(report.skipped), "ignored": report.ignored}
+        )
         if report.skipped:
             mlflow.log_text("\n".join(report.skipped), "skipped.txt")
 

@@ -3,6 +3,7 @@
 Every flag of `train` is a flag of `main` too and is forwarded as given, so
 `mlflow run . -P conv_blocks=4` trains the same network as `mlflow run . -e train -P conv_blocks=4`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,22 +32,32 @@ PROJECT = str(Path(__file__).resolve().parents[1])
 def run_step(entry_point: str, parameters: dict) -> mlflow.entities.Run:
     """Run one MLproject entry point synchronously (a nested run) and return its finished run."""
     print(f"\n=== {entry_point} ===", flush=True)
-    submitted = mlflow.projects.run(PROJECT, entry_point, parameters=parameters, env_manager="local",
-                                    synchronous=True)
+    submitted = mlflow.projects.run(PROJECT, entry_point, parameters=parameters, env_manager="local", synchronous=True)
     return MlflowClient().get_run(submitted.run_id)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=defaults.SOURCE, help="'synthetic' or an AFHQ folder or .zip")
-    parser.add_argument("--data-dir", type=Path, default=defaults.DATA_DIR,
-                        help="the metadata CSV goes here, and the images too (images/) unless --image-store says where")
-    parser.add_argument("--image-store", default=defaults.MAIN_IMAGE_STORE,
-                        help="a folder or s3://bucket/prefix for the images (default: <data-dir>/images)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=defaults.DATA_DIR,
+        help="the metadata CSV goes here, and the images too (images/) unless --image-store says where",
+    )
+    parser.add_argument(
+        "--image-store",
+        default=defaults.MAIN_IMAGE_STORE,
+        help="a folder or s3://bucket/prefix for the images (default: <data-dir>/images)",
+    )
     parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE)
     parser.add_argument("--images-per-class", type=int, default=defaults.IMAGES_PER_CLASS)
-    parser.add_argument("--synthetic-size", type=int, default=defaults.SYNTHETIC_SIZE,
-                        help="synthetic only: pixels per side of the image files (512: AFHQ's)")
+    parser.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=defaults.SYNTHETIC_SIZE,
+        help="synthetic only: pixels per side of the image files (512: AFHQ's)",
+    )
     parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
     parser.add_argument("--epochs", type=int, default=defaults.EPOCHS)
     parser.add_argument("--patience", type=int, default=defaults.PATIENCE)
@@ -68,12 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         hp = replace(hp, weights=str(Path(hp.weights).resolve()))
 
     with start_run("main") as parent:
-        run_step("extract", {"source": args.source, "image_store": image_store, "metadata": metadata,
-                             "images_per_class": args.images_per_class, "seed": args.seed,
-                             "synthetic_size": args.synthetic_size})
+        run_step(
+            "extract",
+            {
+                "source": args.source,
+                "image_store": image_store,
+                "metadata": metadata,
+                "images_per_class": args.images_per_class,
+                "seed": args.seed,
+                "synthetic_size": args.synthetic_size,
+            },
+        )
         run_step("populate", {"metadata": metadata, "image_store": image_store, "db": db})
-        trained = run_step("train", {"db": db, "image_size": args.image_size, "epochs": args.epochs,
-                                     "patience": args.patience, "seed": args.seed, **asdict(hp)})
+        trained = run_step(
+            "train",
+            {"db": db, "image_size": args.image_size, "epochs": args.epochs, "patience": args.patience, "seed": args.seed, **asdict(hp)},
+        )
         print("\n=== register ===", flush=True)
         promotion = register(trained.data.tags[MODEL_TAG], db)
         mlflow.log_metrics({"val_accuracy": promotion.accuracy, "promoted": float(promotion.promoted)})

@@ -4,6 +4,7 @@ Every row is checked against the image store first: a row whose file is missing,
 outside the store, whose sizes are not positive integers, or whose content an earlier row already
 has (the same photo under two names) is reported and not inserted. Running it twice changes nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,10 +116,10 @@ def _problem(row: dict, store: FolderStore | ObjectStore) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metadata", type=Path, default=defaults.METADATA)
-    parser.add_argument("--image-store", type=root_argument, default=defaults.IMAGE_STORE,
-                        help="a folder or s3://bucket/prefix")
-    parser.add_argument("--db", type=catalogue.location, default=defaults.CATALOGUE,
-                        help="a SQLite file or postgresql://user@host:port/database")
+    parser.add_argument("--image-store", type=root_argument, default=defaults.IMAGE_STORE, help="a folder or s3://bucket/prefix")
+    parser.add_argument(
+        "--db", type=catalogue.location, default=defaults.CATALOGUE, help="a SQLite file or postgresql://user@host:port/database"
+    )
     return parser
 
 
@@ -136,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
 
         with start_run("populate"):
             mlflow.log_params({**vars(args), "db": catalogue.describe(args.db)})
-            mlflow.log_metrics({"inserted": report.inserted, "updated": report.updated,
-                                "unchanged": report.unchanged, "rejected": len(report.rejected)})
-    print(f"populate: {report.inserted} inserted, {report.updated} updated, {report.unchanged} unchanged, "
-          f"{len(report.rejected)} rejected -> {catalogue.describe(args.db)}")
+            mlflow.log_metrics(
+                {"inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged, "rejected": len(report.rejected)}
+            )
+    print(
+        f"populate: {report.inserted} inserted, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{len(report.rejected)} rejected -> {catalogue.describe(args.db)}"
+    )
     return 0
 
 

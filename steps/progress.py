@@ -4,6 +4,7 @@ At AFHQ's scale extract and populate take minutes. In a terminal a bar shows it;
 run`, CI, a file) a bar would be thousands of carriage returns or nothing at all, so there the step
 prints one line at every tenth of the way instead.
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,8 +18,7 @@ T = TypeVar("T")
 UNKNOWN_TOTAL_EVERY = 1000  # items between lines when the total is not known
 
 
-def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "img",
-             stream: IO[str] | None = None) -> Iterator[T]:
+def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "img", stream: IO[str] | None = None) -> Iterator[T]:
     """Yield `items`, showing how far along they are on `stream` (default: standard error)."""
     stream = stream or sys.stderr
     if _is_terminal(stream):

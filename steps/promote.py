@@ -6,6 +6,7 @@ The version is scored on the catalogue's current validation split together with 
 Production version, and promoted only if it is at least as good, unless force=true. Either way
 the versions involved record what replaced what, when and why (steps/register.py).
 """
+
 from __future__ import annotations
 
 import argparse

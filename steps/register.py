@@ -9,6 +9,7 @@ registered and we say why. Every version gets its model card (steps/model_card.p
 `promote` (steps/promote.py) passes an existing version through the same gate, or forces it: a rollback.
 Every promotion is recorded in tags on the versions involved and in the model's `production_history`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,17 +94,24 @@ def evaluate(model_uri: str, db_path: Path, batch: int = 256, model_id: str | No
         # MLflow's classifier evaluator takes probabilities only from scikit-learn-like models, so
         # the ROC and calibration plots are ours, from the same answers, logged beside its own.
         result = mlflow.models.evaluate(
-            data=frame, targets="target", predictions="prediction", model_type="classifier",
-            evaluators=["default"], evaluator_config={"default": {"label_list": labels}},
-            custom_artifacts=[probability_plots(val.label.to_numpy(), probabilities, labels)], model_id=model_id)
+            data=frame,
+            targets="target",
+            predictions="prediction",
+            model_type="classifier",
+            evaluators=["default"],
+            evaluator_config={"default": {"label_list": labels}},
+            custom_artifacts=[probability_plots(val.label.to_numpy(), probabilities, labels)],
+            model_id=model_id,
+        )
     matrix = pd.crosstab(pd.Categorical(frame.target, labels), pd.Categorical(frame.prediction, labels), dropna=False)
     rows = matrix.to_numpy().tolist()
     per_class = {}
     for i, label in enumerate(labels):
         said, truth = sum(row[i] for row in rows), sum(rows[i])
         per_class[label] = {"precision": rows[i][i] / said if said else 0.0, "recall": rows[i][i] / truth if truth else 0.0}
-    return Evaluation(float(result.metrics["accuracy_score"]), per_class, {"labels": labels, "rows": rows},
-                      len(val), result, run.info.run_id)
+    return Evaluation(
+        float(result.metrics["accuracy_score"]), per_class, {"labels": labels, "rows": rows}, len(val), result, run.info.run_id
+    )
 
 
 def probability_plots(truth: np.ndarray, probabilities: np.ndarray, labels: list[str]):
@@ -212,8 +220,7 @@ def promote(version: str, db_path: Path, force: bool = False, name: str = MODEL_
     return _gate(client, name, str(version), candidate, db_path, force=force)
 
 
-def _gate(client: MlflowClient, name: str, number: str, candidate: Evaluation, db_path: Path,
-          force: bool) -> Promotion:
+def _gate(client: MlflowClient, name: str, number: str, candidate: Evaluation, db_path: Path, force: bool) -> Promotion:
     """Production goes to `number` if it is at least as good as the current Production version on the
     same validation split (MLflow's validation, at_least_as_good; or if forced); otherwise nothing
     changes and the version says why."""
@@ -225,8 +232,10 @@ def _gate(client: MlflowClient, name: str, number: str, candidate: Evaluation, d
     production_accuracy = production.accuracy if production else None
     worse = production is not None and not at_least_as_good(candidate, production)
     if worse and not force:
-        reason = (f"not promoted: validation accuracy {accuracy:.4f} is below Production version "
-                  f"{current.version}'s {production_accuracy:.4f} on the same validation split")
+        reason = (
+            f"not promoted: validation accuracy {accuracy:.4f} is below Production version "
+            f"{current.version}'s {production_accuracy:.4f} on the same validation split"
+        )
         client.set_model_version_tag(name, number, "promotion", reason)
         log.warning("version %s %s", number, reason)
         return Promotion(number, False, accuracy, production_accuracy, reason)
@@ -234,8 +243,9 @@ def _gate(client: MlflowClient, name: str, number: str, candidate: Evaluation, d
     if current is None:
         reason = "first Production version"
     elif worse:
-        reason = (f"forced: {accuracy:.4f} < Production version {current.version}'s "
-                  f"{production_accuracy:.4f}, promoted on request (force=true)")
+        reason = (
+            f"forced: {accuracy:.4f} < Production version {current.version}'s {production_accuracy:.4f}, promoted on request (force=true)"
+        )
     else:
         reason = f"promoted: {accuracy:.4f} >= Production version {current.version}'s {production_accuracy:.4f}"
     _make_production(client, name, number, None if current is None else str(current.version), reason)
@@ -294,11 +304,11 @@ def publish_card(client: MlflowClient, name: str, version: str, run_id: str | No
     try:
         facts = mlflow.artifacts.load_dict(f"runs:/{run_id}/{model_card.FACTS_FILE}")
     except (MlflowException, OSError, ValueError):
-        log.warning("version %s: its run has no %s (trained before model cards); no card", version,
-                    model_card.FACTS_FILE)
+        log.warning("version %s: its run has no %s (trained before model cards); no card", version, model_card.FACTS_FILE)
         return
-    facts = model_card.registered_facts(facts, name, version, run_id, evaluation.accuracy, evaluation.per_class,
-                                        evaluation.confusion, evaluation.images)
+    facts = model_card.registered_facts(
+        facts, name, version, run_id, evaluation.accuracy, evaluation.per_class, evaluation.confusion, evaluation.images
+    )
     model_card.publish(client, name, version, facts)
 
 

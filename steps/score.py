@@ -11,6 +11,7 @@ is a row with its `error`; it never stops the job. Rows are written as they come
 interrupted run (Ctrl-C, kill) continues where it stopped when run again. Files with the same
 content are scored once. docs/scoring.md has the columns and the Spark engine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -236,9 +237,17 @@ class Columns:
         return ["path", "sha256", *self.answer_columns]
 
     def schema(self) -> pa.Schema:
-        types = {"path": pa.string(), "sha256": pa.string(), "label": pa.string(), "confidence": pa.float64(),
-                 "uncertain": pa.bool_(), "similar_ids": pa.list_(pa.int64()), "error": pa.string(),
-                 **{name: pa.float64() for name in self.probability_columns}, **OPTIONAL_OUTPUTS}
+        types = {
+            "path": pa.string(),
+            "sha256": pa.string(),
+            "label": pa.string(),
+            "confidence": pa.float64(),
+            "uncertain": pa.bool_(),
+            "similar_ids": pa.list_(pa.int64()),
+            "error": pa.string(),
+            **{name: pa.float64() for name in self.probability_columns},
+            **OPTIONAL_OUTPUTS,
+        }
         return pa.schema([(name, types[name]) for name in self.names])
 
     def answer(self, row: dict) -> dict:
@@ -337,8 +346,9 @@ class Store:
     def _check_manifest(self) -> None:
         manifest = self.partial / "manifest.json"
         if manifest.exists() and json.loads(manifest.read_text()) != self._manifest():
-            raise InputError(f"{self.partial} was started with another model or other columns: run with the same "
-                             f"model_uri, or delete it to start over")
+            raise InputError(
+                f"{self.partial} was started with another model or other columns: run with the same model_uri, or delete it to start over"
+            )
 
     def _read_output(self) -> pd.DataFrame:
         if self.output.suffix.lower() == ".csv":
@@ -347,8 +357,9 @@ class Store:
             arrow = pq.read_table(self.output)
             model = (arrow.schema.metadata or {}).get(b"animal-faces.model", b"").decode()
             if model and model != self.model_id:
-                raise InputError(f"{self.output} was scored by another model ({model}); write to a new output "
-                                 f"to score with {self.model_id}")
+                raise InputError(
+                    f"{self.output} was scored by another model ({model}); write to a new output to score with {self.model_id}"
+                )
             table = arrow.to_pandas()
         if list(table.columns) != self.columns.names:
             raise InputError(f"{self.output} has other columns than this model's output; write to a new output")
@@ -396,8 +407,9 @@ def _from_csv(path: Path) -> pd.DataFrame:
 # The local engine: readers ahead of the model, the model on every core
 
 
-def score_local(model, entries: list[Entry], columns: Columns, batch_size: int, known: dict[str, dict],
-                workers: int | None = None) -> Iterator[list[dict]]:
+def score_local(
+    model, entries: list[Entry], columns: Columns, batch_size: int, known: dict[str, dict], workers: int | None = None
+) -> Iterator[list[dict]]:
     """Rows for `entries`, one list per batch, in order.
 
     Reader threads read and hash files ahead; each batch's new contents (by sha256: a content is
@@ -444,13 +456,11 @@ def predict(model, images: list[bytes], columns: Columns) -> list[dict]:
         return [answer for image in images for answer in predict(model, [image], columns)]
 
 
-def _finish_batch(item: tuple[list[Read], list[str], Future], answers: dict[str, dict], pending: set[str],
-                  columns: Columns) -> list[dict]:
+def _finish_batch(item: tuple[list[Read], list[str], Future], answers: dict[str, dict], pending: set[str], columns: Columns) -> list[dict]:
     batch, shas, future = item
     answers.update(zip(shas, future.result(), strict=True))
     pending.difference_update(shas)
-    return [{"path": r.entry.path, "sha256": r.sha256,
-             **(answers[r.sha256] if r.sha256 else columns.failed(r.error))} for r in batch]
+    return [{"path": r.entry.path, "sha256": r.sha256, **(answers[r.sha256] if r.sha256 else columns.failed(r.error))} for r in batch]
 
 
 def _read_ahead(pool: ThreadPoolExecutor, entries: Iterable[Entry], depth: int) -> Iterator[Read]:
@@ -514,11 +524,10 @@ def score_spark(spark, model_uri: str, entries: list[Entry], columns: Columns, b
     spark.conf.set("spark.sql.shuffle.partitions", str(slices))
     _ship_code(spark)
     files = spark.createDataFrame(
-        pd.DataFrame({"path": [e.path for e in entries], "file": [e.file for e in entries],
-                      "member": [e.member for e in entries]}),
-        "path string, file string, member string").repartition(slices)
-    hashed = files.mapInPandas(_hash_frames, "path string, file string, member string, sha256 string, "
-                                             "read_error string").cache()
+        pd.DataFrame({"path": [e.path for e in entries], "file": [e.file for e in entries], "member": [e.member for e in entries]}),
+        "path string, file string, member string",
+    ).repartition(slices)
+    hashed = files.mapInPandas(_hash_frames, "path string, file string, member string, sha256 string, read_error string").cache()
     # As many slices as cores or batches after each shuffle: Spark's default (200, or fewer by
     # adaptive execution, down to one task for this little data) would leave cores idle.
     unique = hashed.where(F.col("sha256").isNotNull()).dropDuplicates(["sha256"]).repartition(slices)
@@ -527,9 +536,18 @@ def score_spark(spark, model_uri: str, entries: list[Entry], columns: Columns, b
     scored = images.select("sha256", udf("image").alias("r")).select("sha256", *_flatten(columns, F.col("r")))
     model_columns = [name for name in columns.answer_columns if name not in columns.probability_columns]
     rows = hashed.join(scored, "sha256", "left").select(
-        "path", "sha256", "probabilities", *[F.coalesce("read_error", "error").alias("error") if name == "error"
-                                             else F.coalesce("similar_ids", F.array().cast("array<bigint>")).alias(name)
-                                             if name == "similar_ids" else F.col(name) for name in model_columns])
+        "path",
+        "sha256",
+        "probabilities",
+        *[
+            F.coalesce("read_error", "error").alias("error")
+            if name == "error"
+            else F.coalesce("similar_ids", F.array().cast("array<bigint>")).alias(name)
+            if name == "similar_ids"
+            else F.col(name)
+            for name in model_columns
+        ],
+    )
     try:
         batch: list[dict] = []
         for row in rows.toLocalIterator(prefetchPartitions=True):
@@ -548,9 +566,17 @@ def _result_type(columns: Columns) -> str:
     a struct is declared (the `probabilities` of an image that failed), so `probabilities` comes back
     as text (the dict's repr), flattened by _spark_row; of `similar`, only the ids."""
     optional = {"unfamiliar": "boolean", "familiarity": "double"}
-    return ", ".join(["label string", "confidence double", "probabilities string", "uncertain boolean",
-                      *[f"{name} {optional[name]}" for name in columns.optional],
-                      "similar array<struct<id: bigint>>", "error string"])
+    return ", ".join(
+        [
+            "label string",
+            "confidence double",
+            "probabilities string",
+            "uncertain boolean",
+            *[f"{name} {optional[name]}" for name in columns.optional],
+            "similar array<struct<id: bigint>>",
+            "error string",
+        ]
+    )
 
 
 def _flatten(columns: Columns, result) -> list:
@@ -565,8 +591,11 @@ def _flatten(columns: Columns, result) -> list:
         return F.when(~failed, result[name]).alias(name)
 
     flat = [answered(name) for name in ("label", "confidence", "probabilities", "uncertain", *columns.optional)]
-    flat.append(F.when(failed, F.array().cast("array<bigint>"))
-                .otherwise(F.transform(result["similar"], lambda item: item["id"])).alias("similar_ids"))
+    flat.append(
+        F.when(failed, F.array().cast("array<bigint>"))
+        .otherwise(F.transform(result["similar"], lambda item: item["id"]))
+        .alias("similar_ids")
+    )
     flat.append(F.when(failed, result["error"]).alias("error"))
     return flat
 
@@ -589,8 +618,12 @@ def _hash_frames(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
 def _read_frames(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     """On the executors: the bytes of one file per content, for the model."""
     for frame in frames:
-        yield pd.DataFrame({"sha256": frame.sha256, "image": [read_hashed(Entry(p, f, m)).data for p, f, m in
-                                                              zip(frame.path, frame.file, frame.member, strict=True)]})
+        yield pd.DataFrame(
+            {
+                "sha256": frame.sha256,
+                "image": [read_hashed(Entry(p, f, m)).data for p, f, m in zip(frame.path, frame.file, frame.member, strict=True)],
+            }
+        )
 
 
 def _ship_code(spark) -> None:
@@ -633,8 +666,11 @@ class Progress:
             self._last = now
             rate = self.done / max(now - self.start, 1e-9)
             left = (self.total - self.done) / rate if rate else float("nan")
-            print(f"score: {self.done:,}/{self.total:,} files ({100 * self.done / max(self.total, 1):.0f}%), "
-                  f"{rate:,.0f} images/s, about {left:,.0f} s left", flush=True)
+            print(
+                f"score: {self.done:,}/{self.total:,} files ({100 * self.done / max(self.total, 1):.0f}%), "
+                f"{rate:,.0f} images/s, about {left:,.0f} s left",
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -663,16 +699,21 @@ class Summary:
         counts = [labels, f"uncertain {self.uncertain:,}", f"errors {self.errors:,}"]
         if self.unfamiliar is not None:
             counts.insert(2, f"unfamiliar {self.unfamiliar:,}")
-        lines = [f"score: {self.files:,} files -> {output} ({self.scored_now:,} scored now in {self.seconds:.1f} s, "
-                 f"{self.images_per_s:,.0f} images/s)", "  " + " · ".join(counts)]
+        lines = [
+            f"score: {self.files:,} files -> {output} ({self.scored_now:,} scored now in {self.seconds:.1f} s, "
+            f"{self.images_per_s:,.0f} images/s)",
+            "  " + " · ".join(counts),
+        ]
         if self.duplicates:
             repeat = "file repeats" if self.duplicates == 1 else "files repeat"
             lines.append(f"  {self.duplicates:,} {repeat} another file's content (scored once)")
         if self.error_kinds:
             lines.append("  errors: " + ", ".join(f"{kind} {n:,}" for kind, n in self.error_kinds.items()))
         if self.ignored:
-            lines.append(f"  ignored {sum(self.ignored.values()):,} files that are not images: "
-                         + ", ".join(f"{suffix} {n:,}" for suffix, n in self.ignored.items()))
+            lines.append(
+                f"  ignored {sum(self.ignored.values()):,} files that are not images: "
+                + ", ".join(f"{suffix} {n:,}" for suffix, n in self.ignored.items())
+            )
         return lines
 
 
@@ -682,17 +723,20 @@ def summarize(table: pd.DataFrame, columns: Columns, scored_now: int, seconds: f
     kinds = Counter(str(message).split(":")[0] for message in errors)
     hashed = table.sha256.dropna()
     return Summary(
-        files=len(table), scored_now=scored_now, seconds=seconds,
+        files=len(table),
+        scored_now=scored_now,
+        seconds=seconds,
         labels={label: int((answered.label == label).sum()) for label in columns.labels},
         uncertain=int((answered.uncertain == True).sum()),  # noqa: E712 - nullable column
         unfamiliar=int((answered.unfamiliar == True).sum()) if "unfamiliar" in columns.optional else None,  # noqa: E712
-        errors=len(errors), error_kinds=dict(kinds.most_common()), duplicates=int(hashed.duplicated().sum()),
+        errors=len(errors),
+        error_kinds=dict(kinds.most_common()),
+        duplicates=int(hashed.duplicated().sum()),
         ignored=dict(ignored.most_common()),
     )
 
 
-def contact_sheet(table: pd.DataFrame, entries: dict[str, Entry], per_label: int = 6, least: int = 6,
-                  thumb: int = 128):
+def contact_sheet(table: pd.DataFrame, entries: dict[str, Entry], per_label: int = 6, least: int = 6, thumb: int = 128):
     """A PNG-able PIL image: the most confident images of each predicted label, one row each, and
     a last row of the least confident ones, captioned with label and confidence. None if nothing
     was answered."""
@@ -703,8 +747,7 @@ def contact_sheet(table: pd.DataFrame, entries: dict[str, Entry], per_label: int
     answered = table[table.error.isna() & table.path.isin(list(entries))]
     if answered.empty:
         return None
-    rows = [(f"{label}: most confident", group.nlargest(per_label, "confidence"))
-            for label, group in answered.groupby("label", sort=True)]
+    rows = [(f"{label}: most confident", group.nlargest(per_label, "confidence")) for label, group in answered.groupby("label", sort=True)]
     rows.append(("least confident", answered.nsmallest(least, "confidence")))
     title, caption = 18, 30
     width = max(per_label, least) * thumb
@@ -726,7 +769,7 @@ def contact_sheet(table: pd.DataFrame, entries: dict[str, Entry], per_label: int
 
 
 def _short(text: str, length: int) -> str:
-    return text if len(text) <= length else "…" + text[-(length - 1):]
+    return text if len(text) <= length else "…" + text[-(length - 1) :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,9 +784,15 @@ class Result:
     model_id: str
 
 
-def score(source: Path, output: Path, model_uri: str = defaults.SCORE_MODEL_URI, engine: str = defaults.SCORE_ENGINE,
-          spark_master: str = defaults.SPARK_MASTER, batch_size: int = defaults.SCORE_BATCH_SIZE,
-          interactive: bool | None = None) -> Result:
+def score(
+    source: Path,
+    output: Path,
+    model_uri: str = defaults.SCORE_MODEL_URI,
+    engine: str = defaults.SCORE_ENGINE,
+    spark_master: str = defaults.SPARK_MASTER,
+    batch_size: int = defaults.SCORE_BATCH_SIZE,
+    interactive: bool | None = None,
+) -> Result:
     """Score every file of `source` into `output` (see the module docstring). Raises InputError."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -760,8 +809,7 @@ def score(source: Path, output: Path, model_uri: str = defaults.SCORE_MODEL_URI,
     try:
         info = mlflow.models.get_model_info(model_uri)
     except (MlflowException, OSError) as error:
-        raise InputError(f"no model at {model_uri} ({str(error).splitlines()[0][:200]}); "
-                         "`make run` trains and promotes one") from None
+        raise InputError(f"no model at {model_uri} ({str(error).splitlines()[0][:200]}); `make run` trains and promotes one") from None
     columns = Columns.of(info.signature)
     model_id = info.model_uuid or model_uri
     store = Store(output, columns, model_id)
@@ -770,8 +818,7 @@ def score(source: Path, output: Path, model_uri: str = defaults.SCORE_MODEL_URI,
     todo = [entry for entry in inputs.entries if entry.path not in done]
     seconds = 0.0
     if todo:
-        print(f"score: {len(todo):,} files to score ({len(done):,} already scored) with {model_uri} "
-              f"on the {engine} engine", flush=True)
+        print(f"score: {len(todo):,} files to score ({len(done):,} already scored) with {model_uri} on the {engine} engine", flush=True)
         batches = _engine(engine, model_uri, todo, columns, batch_size, spark_master, previous)
         # The clock starts once the model is loaded (local) or the session is up (Spark): it measures
         # scoring, which is what grows with the collection.
@@ -793,8 +840,9 @@ def score(source: Path, output: Path, model_uri: str = defaults.SCORE_MODEL_URI,
     return Result(summary, table, {entry.path: entry for entry in inputs.entries}, model_id)
 
 
-def _engine(engine: str, model_uri: str, todo: list[Entry], columns: Columns, batch_size: int, spark_master: str,
-            previous: pd.DataFrame) -> Iterator[list[dict]]:
+def _engine(
+    engine: str, model_uri: str, todo: list[Entry], columns: Columns, batch_size: int, spark_master: str, previous: pd.DataFrame
+) -> Iterator[list[dict]]:
     """The engine's batches of rows, with its start-up (Spark session, model) done before returning."""
     import mlflow
 
@@ -802,8 +850,7 @@ def _engine(engine: str, model_uri: str, todo: list[Entry], columns: Columns, ba
         return score_spark(spark_session(spark_master), model_uri, todo, columns, batch_size)
     model = mlflow.pyfunc.load_model(model_uri)
     answered = previous[previous.sha256.notna() & previous.error.isna()]
-    known = {row["sha256"]: {name: row[name] for name in columns.answer_columns}
-             for row in answered.to_dict("records")}
+    known = {row["sha256"]: {name: row[name] for name in columns.answer_columns} for row in answered.to_dict("records")}
     for answer in known.values():
         answer["similar_ids"] = [int(i) for i in answer["similar_ids"]]
     return score_local(model, todo, columns, batch_size, known)
@@ -820,16 +867,21 @@ def log_run(args: argparse.Namespace, result: Result, output: Path) -> None:
         # `mlflow run` has logged its own -P values already; MLflow refuses to log one twice.
         params = {**{k: str(v) for k, v in vars(args).items()}, "model_id": result.model_id}
         mlflow.log_params({k: v for k, v in params.items() if k not in run.data.params})
-        mlflow.log_metrics({
-            "files": summary.files, "scored_now": summary.scored_now, "errors": summary.errors,
-            "uncertain": summary.uncertain, "duplicates": summary.duplicates,
-            "ignored": sum(summary.ignored.values()), "seconds": summary.seconds,
-            "images_per_s": summary.images_per_s,
-            **{f"label_{label}": n for label, n in summary.labels.items()},
-            **({"unfamiliar": summary.unfamiliar} if summary.unfamiliar is not None else {}),
-        })
-        mlflow.log_dict({"summary": summary.lines(output), "error_kinds": summary.error_kinds,
-                         "ignored": summary.ignored}, "summary.json")
+        mlflow.log_metrics(
+            {
+                "files": summary.files,
+                "scored_now": summary.scored_now,
+                "errors": summary.errors,
+                "uncertain": summary.uncertain,
+                "duplicates": summary.duplicates,
+                "ignored": sum(summary.ignored.values()),
+                "seconds": summary.seconds,
+                "images_per_s": summary.images_per_s,
+                **{f"label_{label}": n for label, n in summary.labels.items()},
+                **({"unfamiliar": summary.unfamiliar} if summary.unfamiliar is not None else {}),
+            }
+        )
+        mlflow.log_dict({"summary": summary.lines(output), "error_kinds": summary.error_kinds, "ignored": summary.ignored}, "summary.json")
         mlflow.log_artifact(str(output))
         sheet = contact_sheet(result.table, result.entries)
         if sheet is not None:
@@ -845,8 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, required=True, help="a .parquet or .csv file")
     parser.add_argument("--model-uri", default=defaults.SCORE_MODEL_URI)
     parser.add_argument("--engine", choices=ENGINES, default=defaults.SCORE_ENGINE)
-    parser.add_argument("--spark-master", default=defaults.SPARK_MASTER,
-                        help="spark engine: local[*], spark://host:7077, ... (ignored under spark-submit)")
+    parser.add_argument(
+        "--spark-master", default=defaults.SPARK_MASTER, help="spark engine: local[*], spark://host:7077, ... (ignored under spark-submit)"
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.SCORE_BATCH_SIZE, help="images per model call")
     return parser
 
@@ -860,8 +913,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"score: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nscore: interrupted; what was scored is kept in {args.output}.partial: run the same command "
-              "again to continue", file=sys.stderr)
+        print(
+            f"\nscore: interrupted; what was scored is kept in {args.output}.partial: run the same command again to continue",
+            file=sys.stderr,
+        )
         return 130
     print("\n".join(result.summary.lines(args.output)), flush=True)
     log_run(args, result, args.output)

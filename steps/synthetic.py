@@ -196,8 +196,9 @@ def _background(rng: np.random.Generator, s: int) -> tuple[Image.Image, str]:
 
 
 # ---------------------------------------------------------------- face parts
-def _ears_back(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str, ear: str,
-               head: tuple[float, float, float, float], fur: RGB) -> None:
+def _ears_back(
+    d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str, ear: str, head: tuple[float, float, float, float], fur: RGB
+) -> None:
     """Ears that sit on top of the head outline, drawn before the head."""
     cx, cy, rx, ry = head
     r = (rx + ry) / 2
@@ -220,8 +221,7 @@ def _ears_back(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str, ear: 
             mid = ((b0[0] + b1[0]) / 2, (b0[1] + b1[1]) / 2)
             tip = (mid[0] + side * h * math.sin(tilt), mid[1] - h * math.cos(tilt))
             d.polygon([b0, tip, b1], fill=fur, outline=edge, width=w)
-            d.polygon([_towards(b0, tip, 0.2), _towards(tip, mid, 0.25), _towards(b1, tip, 0.2),
-                       _towards(mid, tip, 0.05)], fill=inner)
+            d.polygon([_towards(b0, tip, 0.2), _towards(tip, mid, 0.25), _towards(b1, tip, 0.2), _towards(mid, tip, 0.05)], fill=inner)
             if big:
                 d.polygon([tip, _towards(tip, b0, 0.4), _towards(tip, b1, 0.4)], fill=DARK)
     elif ear == "rounded":
@@ -245,8 +245,7 @@ def _towards(a: Point, b: Point, t: float) -> Point:
     return (a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t)
 
 
-def _ears_front(d: ImageDraw.ImageDraw, rng: np.random.Generator,
-                head: tuple[float, float, float, float], fur: RGB) -> None:
+def _ears_front(d: ImageDraw.ImageDraw, rng: np.random.Generator, head: tuple[float, float, float, float], fur: RGB) -> None:
     """Floppy dog ears: lobes hanging over the sides of the head."""
     cx, cy, rx, ry = head
     r = (rx + ry) / 2
@@ -260,8 +259,7 @@ def _ears_front(d: ImageDraw.ImageDraw, rng: np.random.Generator,
         d.polygon(_lobe(top, length, width, -side * tilt), fill=colour, outline=_edge(fur), width=_stroke(r))
 
 
-def _mane(d: ImageDraw.ImageDraw, rng: np.random.Generator,
-          head: tuple[float, float, float, float], fur: RGB) -> None:
+def _mane(d: ImageDraw.ImageDraw, rng: np.random.Generator, head: tuple[float, float, float, float], fur: RGB) -> None:
     """Big-cat mane: a jagged ring behind the head."""
     cx, cy, rx, ry = head
     if rng.random() < 0.7:
@@ -278,8 +276,7 @@ def _mane(d: ImageDraw.ImageDraw, rng: np.random.Generator,
     d.polygon(pts, fill=colour)
 
 
-def _pattern(rng: np.random.Generator, s: int, pattern: str,
-             head: tuple[float, float, float, float], fur: RGB) -> Image.Image | None:
+def _pattern(rng: np.random.Generator, s: int, pattern: str, head: tuple[float, float, float, float], fur: RGB) -> Image.Image | None:
     """Markings on their own layer; the caller masks them to the fur."""
     if pattern == "solid":
         return None
@@ -294,15 +291,17 @@ def _pattern(rng: np.random.Generator, s: int, pattern: str,
         for _ in range(int(rng.integers(2, 5))):  # forehead: near-vertical
             x = cx + rng.uniform(-0.4, 0.4) * rx
             y0 = cy - ry * rng.uniform(0.9, 1.1)
-            pts = [(x, y0), (x + rng.normal(0, 0.08) * r, y0 + 0.25 * r),
-                   (x + rng.normal(0, 0.1) * r, y0 + r * rng.uniform(0.4, 0.6))]
+            pts = [(x, y0), (x + rng.normal(0, 0.08) * r, y0 + 0.25 * r), (x + rng.normal(0, 0.1) * r, y0 + r * rng.uniform(0.4, 0.6))]
             d.line(pts, fill=mark, width=w, joint="curve")
         for side in (-1, 1):  # cheeks: near-horizontal, from the edge inwards
             for _ in range(int(rng.integers(2, 4))):
                 y = cy + rng.uniform(-0.2, 0.5) * ry
                 x0 = cx + side * rx * 1.05
-                pts = [(x0, y), (x0 - side * 0.25 * r, y + rng.normal(0, 0.06) * r),
-                       (x0 - side * r * rng.uniform(0.4, 0.55), y + rng.normal(0, 0.1) * r)]
+                pts = [
+                    (x0, y),
+                    (x0 - side * 0.25 * r, y + rng.normal(0, 0.06) * r),
+                    (x0 - side * r * rng.uniform(0.4, 0.55), y + rng.normal(0, 0.1) * r),
+                ]
                 d.line(pts, fill=mark, width=w, joint="curve")
     elif pattern == "spots":
         rosette = rng.random() < 0.4
@@ -324,8 +323,7 @@ def _pattern(rng: np.random.Generator, s: int, pattern: str,
     return layer
 
 
-def _eyes(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
-          head: tuple[float, float, float, float], iris: RGB) -> None:
+def _eyes(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str, head: tuple[float, float, float, float], iris: RGB) -> None:
     """Eye shape follows the animal (eye colour does not): cats big with slit pupils, dogs dark and
     round, big cats ringed with a dark tear line, wolves and foxes narrow and slanted."""
     cx, cy, rx, ry = head
@@ -349,8 +347,9 @@ def _eyes(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
             ring = _mix(iris, (240, 236, 228), 0.7)
             _circle(d, c, er * 1.6, ring)
             # Tear line from the inner corner down towards the muzzle.
-            d.line([(c[0] - side * er * 0.8, c[1] + er * 0.6), (cx + side * r * 0.2, cy + ry * 0.4)],
-                   fill=DARK, width=max(1, int(r * 0.07)))
+            d.line(
+                [(c[0] - side * er * 0.8, c[1] + er * 0.6), (cx + side * r * 0.2, cy + ry * 0.4)], fill=DARK, width=max(1, int(r * 0.07))
+            )
             _circle(d, c, er * 1.1, DARK)
             _circle(d, c, er, iris)
             _circle(d, c, er * 0.4, DARK)
@@ -358,29 +357,30 @@ def _eyes(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
             er = r * rng.uniform(0.13, 0.16)
             slant = -side * math.radians(rng.uniform(15, 25))
             ca, sa = math.cos(slant), math.sin(slant)
-            pts = [(c[0] + er * (1.2 * math.cos(t) * ca - 0.5 * math.sin(t) * sa),
-                    c[1] + er * (1.2 * math.cos(t) * sa + 0.5 * math.sin(t) * ca))
-                   for t in np.linspace(0, 2 * np.pi, 14, endpoint=False)]
+            pts = [
+                (
+                    c[0] + er * (1.2 * math.cos(t) * ca - 0.5 * math.sin(t) * sa),
+                    c[1] + er * (1.2 * math.cos(t) * sa + 0.5 * math.sin(t) * ca),
+                )
+                for t in np.linspace(0, 2 * np.pi, 14, endpoint=False)
+            ]
             d.polygon(pts, fill=iris, outline=DARK, width=max(1, int(r * 0.04)))
             _circle(d, c, er * 0.3, DARK)
         _circle(d, (c[0] - r * 0.04, c[1] - r * 0.04), r * 0.03, (245, 245, 245))  # highlight
 
 
-def _whiskers(d: ImageDraw.ImageDraw, rng: np.random.Generator, c: Point, r: float,
-              spread: float, fur: RGB, weight: float) -> None:
+def _whiskers(d: ImageDraw.ImageDraw, rng: np.random.Generator, c: Point, r: float, spread: float, fur: RGB, weight: float) -> None:
     # Light on dark fur, dark on light fur: whiskers must survive downsizing to 64 px.
     colour = (240, 240, 235) if _luma(fur) < 140 else (35, 30, 30)
     w = max(1, int(r * weight))
     for side in (-1, 1):
         for k in range(3):
             start = (c[0] + side * 0.2 * r, c[1] + (k - 1) * 0.05 * r)
-            end = (c[0] + side * r * rng.uniform(spread - 0.3, spread),
-                   c[1] + r * ((k - 1) * 0.22 + rng.normal(0, 0.05)))
+            end = (c[0] + side * r * rng.uniform(spread - 0.3, spread), c[1] + r * ((k - 1) * 0.22 + rng.normal(0, 0.05)))
             d.line([start, end], fill=colour, width=w)
 
 
-def _muzzle(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
-            head: tuple[float, float, float, float], fur: RGB) -> None:
+def _muzzle(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str, head: tuple[float, float, float, float], fur: RGB) -> None:
     """Muzzle, nose and mouth: their shape and place differ by animal, their colours do not."""
     cx, cy, rx, ry = head
     r = (rx + ry) / 2
@@ -394,8 +394,10 @@ def _muzzle(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
             _circle(d, (cx + side * 0.15 * r, py), r * 0.18, light)
         ny = py - 0.14 * r
         nw = r * rng.uniform(0.07, 0.1)
-        d.polygon([(cx - nw, ny - nw * 0.6), (cx + nw, ny - nw * 0.6), (cx, ny + nw * 0.7)],
-                  fill=_mix(PINK, (110, 70, 60), rng.uniform(0, 0.5)) if rng.random() < 0.5 else nose_dark)
+        d.polygon(
+            [(cx - nw, ny - nw * 0.6), (cx + nw, ny - nw * 0.6), (cx, ny + nw * 0.7)],
+            fill=_mix(PINK, (110, 70, 60), rng.uniform(0, 0.5)) if rng.random() < 0.5 else nose_dark,
+        )
         _whiskers(d, rng, (cx, py), r, 1.8, fur, 0.065)
     elif sub == "bigcat":  # wide muzzle: broad pads, broad nose, chin
         py = cy + ry * rng.uniform(0.38, 0.48)
@@ -420,8 +422,12 @@ def _muzzle(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
         _oval(d, (cx, ny), r * rng.uniform(0.21, 0.27), r * rng.uniform(0.14, 0.18), nose_dark)
         mouth_y = my + mh * 0.45
         d.line([(cx, ny), (cx, mouth_y)], fill=DARK, width=line_w)
-        d.line([(cx - mw * 0.6, mouth_y - mh * 0.2), (cx, mouth_y), (cx + mw * 0.6, mouth_y - mh * 0.2)],
-               fill=DARK, width=line_w, joint="curve")
+        d.line(
+            [(cx - mw * 0.6, mouth_y - mh * 0.2), (cx, mouth_y), (cx + mw * 0.6, mouth_y - mh * 0.2)],
+            fill=DARK,
+            width=line_w,
+            joint="curve",
+        )
         if rng.random() < 0.4:  # tongue
             _oval(d, (cx, mouth_y + 0.15 * r), 0.16 * r, 0.2 * r, _jitter(rng, (220, 100, 120), 10))
     else:  # wolf / fox: long narrow snout tapering down, nose at the tip
@@ -434,9 +440,12 @@ def _muzzle(d: ImageDraw.ImageDraw, rng: np.random.Generator, sub: str,
         d.line([(cx, ty + tip_w * 0.4), (cx, ty + tip_w * 0.75)], fill=DARK, width=line_w)
         # Cheek ruffs: the face narrows to the snout like an inverted triangle.
         for side in (-1, 1):
-            d.polygon([(cx + side * rx * 0.7, cy + 0.1 * ry), (cx + side * rx * 1.25, cy + 0.45 * ry),
-                       (cx + side * rx * 0.6, cy + 0.65 * ry)],
-                      fill=fur, outline=_edge(fur), width=_stroke(r))
+            d.polygon(
+                [(cx + side * rx * 0.7, cy + 0.1 * ry), (cx + side * rx * 1.25, cy + 0.45 * ry), (cx + side * rx * 0.6, cy + 0.65 * ry)],
+                fill=fur,
+                outline=_edge(fur),
+                width=_stroke(r),
+            )
 
 
 # ---------------------------------------------------------------- public API
@@ -460,8 +469,7 @@ class Pose:
     angle: float  # degrees
 
 
-def draw_face(label: str, seed: int | list[int] | tuple[int, ...],
-              size: int = IMAGE_SIZE) -> tuple[Image.Image, dict[str, str]]:
+def draw_face(label: str, seed: int | list[int] | tuple[int, ...], size: int = IMAGE_SIZE) -> tuple[Image.Image, dict[str, str]]:
     """Draw one RGB face of `label`, fully determined by `seed` (passed to np.random.default_rng).
 
     Returns the image and its attributes: fur_color, pattern, ear_shape,
@@ -513,8 +521,13 @@ def _pose(rng: np.random.Generator, s: int, sub: str) -> Pose:
     r = s * rng.uniform(0.24, 0.31)
     cx = s / 2 + rng.uniform(-0.15, 0.15) * s
     cy = s / 2 + rng.uniform(-0.06, 0.18) * s
-    shape = {"cat": (1.0, 0.93), "dog": (0.95, 1.02), "bigcat": (1.1, 0.96),  # head width, height
-             "wolf": (0.95, 0.9), "fox": (0.92, 0.88)}[sub]
+    shape = {
+        "cat": (1.0, 0.93),
+        "dog": (0.95, 1.02),
+        "bigcat": (1.1, 0.96),  # head width, height
+        "wolf": (0.95, 0.9),
+        "fox": (0.92, 0.88),
+    }[sub]
     head = (cx, cy, r * shape[0] * rng.uniform(0.95, 1.05), r * shape[1] * rng.uniform(0.95, 1.05))
     return Pose(head, r, rng.uniform(-10, 10))
 
@@ -560,8 +573,7 @@ def _photo_finish(rng: np.random.Generator, img: Image.Image, size: int) -> Imag
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
-def draw_photo(label: str, seed: int | list[int] | tuple[int, ...],
-               size: int) -> tuple[Image.Image, dict[str, str]]:
+def draw_photo(label: str, seed: int | list[int] | tuple[int, ...], size: int) -> tuple[Image.Image, dict[str, str]]:
     """A face at photo size (AFHQ's is 512): the `draw_face` drawing at IMAGE_SIZE, enlarged, with
     film grain, so that it is as large and as dear to decode as a photo of that size.
 

@@ -4,6 +4,7 @@ Inside `mlflow run`, the step's run already exists (MLFLOW_RUN_ID): it is resume
 the step. Run directly (`python -m steps.train`), a step logs to the project's experiment,
 `animal-faces`, unless MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID says otherwise.
 """
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ The story, top to bottom:
    catalogue as the dataset input, the model card's facts, and the model as the `animal` pyfunc
    with its recommender and its familiarity statistics (pyfunc/familiarity.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,7 @@ def load_data(db_path: Path, image_size: int) -> Data:
         conn.close()
     train_rows, val_rows = frame[frame.split == "train"], frame[frame.split == "val"]
     if train_rows.empty or val_rows.empty:
-        raise ValueError(f"the catalogue {db_path} needs images in both splits (train: "
-                         f"{len(train_rows)}, val: {len(val_rows)})")
+        raise ValueError(f"the catalogue {db_path} needs images in both splits (train: {len(train_rows)}, val: {len(val_rows)})")
     labels = sorted(train_rows.label.unique())
     index = {label: i for i, label in enumerate(labels)}
     return Data(
@@ -115,9 +115,10 @@ def decode_files(files: list[str], image_size: int) -> np.ndarray:
             raise ImageError(f"{file}: {error}") from None
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+
         def in_order() -> Iterator[np.ndarray]:  # a chunk at a time: results never pile up
             for start in range(0, len(files), DECODE_CHUNK):
-                yield from pool.map(read, files[start:start + DECODE_CHUNK])
+                yield from pool.map(read, files[start : start + DECODE_CHUNK])
 
         for i, image in enumerate(progress(in_order(), len(files), f"decode at {image_size} px")):
             images[i] = image
@@ -145,8 +146,9 @@ class Augmentation:
     def __call__(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
         if not training:
             return images
-        images = keras.ops.image.affine_transform(images, self.transform(images), interpolation="bilinear",
-                                                  fill_mode=self.rotation.fill_mode)
+        images = keras.ops.image.affine_transform(
+            images, self.transform(images), interpolation="bilinear", fill_mode=self.rotation.fill_mode
+        )
         return self.contrast(images, training=True)
 
     def transform(self, images: tf.Tensor) -> tf.Tensor:
@@ -168,8 +170,7 @@ class Augmentation:
         zoom = [zx, zeros, (width - 1) / 2 * (1 - zx), zeros, zy, (height - 1) / 2 * (1 - zy), zeros, zeros]
         shift = self.translation.get_random_transformation(images)["translations"]
         translation = [ones, zeros, -shift[:, 0], zeros, ones, -shift[:, 1], zeros, zeros]
-        return [_square(tf.stack(flip, axis=1)), _square(rotation), _square(tf.stack(zoom, axis=1)),
-                _square(tf.stack(translation, axis=1))]
+        return [_square(tf.stack(flip, axis=1)), _square(rotation), _square(tf.stack(zoom, axis=1)), _square(tf.stack(translation, axis=1))]
 
 
 def compose(*matrices: tf.Tensor) -> tf.Tensor:
@@ -189,13 +190,14 @@ def _square(transform: tf.Tensor) -> tf.Tensor:
 
 
 def pipelines(data: Data, hp: Hyperparameters, seed: int) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    train = (tf.data.Dataset.zip(data.train_images, tf.data.Dataset.from_tensor_slices(data.y_train))
-             .shuffle(len(data.y_train), seed=seed, reshuffle_each_iteration=True)
-             .batch(hp.batch_size))
+    train = (
+        tf.data.Dataset.zip(data.train_images, tf.data.Dataset.from_tensor_slices(data.y_train))
+        .shuffle(len(data.y_train), seed=seed, reshuffle_each_iteration=True)
+        .batch(hp.batch_size)
+    )
     if hp.augment > 0:
         augment = Augmentation(hp.augment, seed)
-        train = train.map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+        train = train.map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     val = tf.data.Dataset.zip(data.val_images, tf.data.Dataset.from_tensor_slices(data.y_val)).batch(256)
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
 
@@ -255,10 +257,9 @@ def compile_model(model: keras.Model, hp: Hyperparameters, steps_per_epoch: int,
     total = max(1, steps_per_epoch * epochs)
     warmup = min(steps_per_epoch, total // 2)
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=hp.learning_rate / 20, warmup_target=hp.learning_rate, warmup_steps=warmup,
-        decay_steps=max(1, total - warmup))
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+        initial_learning_rate=hp.learning_rate / 20, warmup_target=hp.learning_rate, warmup_steps=warmup, decay_steps=max(1, total - warmup)
+    )
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
 class MlflowMetrics(keras.callbacks.Callback):
@@ -268,20 +269,41 @@ class MlflowMetrics(keras.callbacks.Callback):
         mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
 
 
-def fit(model: keras.Model, data: Data, hp: Hyperparameters, epochs: int, patience: int, seed: int,
-        callbacks: list | None = None, initial_epoch: int = 0) -> keras.callbacks.History:
+def fit(
+    model: keras.Model,
+    data: Data,
+    hp: Hyperparameters,
+    epochs: int,
+    patience: int,
+    seed: int,
+    callbacks: list | None = None,
+    initial_epoch: int = 0,
+) -> keras.callbacks.History:
     """Compile (the schedule spans `epochs`) and train, keeping the best epoch's weights.
     `initial_epoch`: for tuning (Hyperband), which continues a model trained for that many epochs."""
     train, val = pipelines(data, hp, seed)
     compile_model(model, hp, steps_per_epoch=-(-len(data.y_train) // hp.batch_size), epochs=epochs - initial_epoch)
     # patience 0: no early stopping, but the best epoch's weights are still the ones kept.
     stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience or epochs, restore_best_weights=True)
-    return model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
-                     callbacks=[stop, *(callbacks or [])], verbose=1 if sys.stdout.isatty() else 2)
+    return model.fit(
+        train,
+        validation_data=val,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        callbacks=[stop, *(callbacks or [])],
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
 
 
-def fine_tune(model: keras.Model, data: Data, hp: Hyperparameters, history: keras.callbacks.History,
-              patience: int, seed: int, callbacks: list | None = None) -> keras.callbacks.History:
+def fine_tune(
+    model: keras.Model,
+    data: Data,
+    hp: Hyperparameters,
+    history: keras.callbacks.History,
+    patience: int,
+    seed: int,
+    callbacks: list | None = None,
+) -> keras.callbacks.History:
     """A pretrained backbone's second stage: after its head, the whole network for
     `hp.fine_tune_epochs` more epochs at a tenth of the learning rate. Returns both stages' history."""
     if hp.backbone == backbones.CNN or hp.fine_tune_epochs <= 0:
@@ -295,13 +317,15 @@ def fine_tune(model: keras.Model, data: Data, hp: Hyperparameters, history: kera
     gentler = replace(hp, learning_rate=hp.learning_rate * FINE_TUNE_RATE)  # fit compiles with it
     tuned = fit(model, data, gentler, done + hp.fine_tune_epochs, patience, seed, callbacks, initial_epoch=done)
     both = keras.callbacks.History()
-    both.history = {key: list(history.history.get(key, [])) + list(tuned.history.get(key, []))
-                    for key in {*history.history, *tuned.history}}
+    both.history = {
+        key: list(history.history.get(key, [])) + list(tuned.history.get(key, [])) for key in {*history.history, *tuned.history}
+    }
     return both
 
 
-def log_training(model: keras.Model, data: Data, history: keras.callbacks.History | None,
-                 image_size: int, hp: Hyperparameters | None = None) -> tuple[float, str]:
+def log_training(
+    model: keras.Model, data: Data, history: keras.callbacks.History | None, image_size: int, hp: Hyperparameters | None = None
+) -> tuple[float, str]:
     """Evaluate on validation, fit familiarity, log plots, report, the model card's facts and the
     pyfunc model; returns (val accuracy, model URI). `hp`: what trained it, for the model card."""
     taps = familiarity_layers(model)
@@ -313,19 +337,36 @@ def log_training(model: keras.Model, data: Data, history: keras.callbacks.Histor
     familiarity = Familiarity.fit(train_out[2], data.y_train, val_out[2])
     per_class = {label: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, label in enumerate(data.labels)}
     flagged = float(familiarity.unfamiliar(familiarity.scores(val_out[2])).mean())
-    mlflow.log_metrics({"final_val_accuracy": accuracy, **{f"val_accuracy_{k}": v for k, v in per_class.items()},
-                        "familiarity_threshold": familiarity.threshold, "val_unfamiliar_share": flagged})
-    report = classification_report(data.y_val, predicted, labels=range(len(data.labels)),
-                                   target_names=data.labels, digits=4, zero_division=0)
+    mlflow.log_metrics(
+        {
+            "final_val_accuracy": accuracy,
+            **{f"val_accuracy_{k}": v for k, v in per_class.items()},
+            "familiarity_threshold": familiarity.threshold,
+            "val_unfamiliar_share": flagged,
+        }
+    )
+    report = classification_report(
+        data.y_val, predicted, labels=range(len(data.labels)), target_names=data.labels, digits=4, zero_division=0
+    )
     mlflow.log_text(report, "classification_report.txt")
     mlflow.log_figure(confusion_figure(matrix, data.labels), "confusion_matrix.png")
     if history is not None:
         mlflow.log_figure(curves_figure(history.history), "training_curves.png")
     print(report)
     facts = model_card.training_facts(
-        data.frame, data.labels, data.content_hash, image_size, accuracy, per_class, matrix.tolist(),
-        familiarity.threshold, familiarity.flag_share, flagged, None if hp is None else asdict(hp),
-        mlflow.active_run().info.run_id)
+        data.frame,
+        data.labels,
+        data.content_hash,
+        image_size,
+        accuracy,
+        per_class,
+        matrix.tolist(),
+        familiarity.threshold,
+        familiarity.flag_share,
+        flagged,
+        None if hp is None else asdict(hp),
+        mlflow.active_run().info.run_id,
+    )
     mlflow.log_dict(facts, model_card.FACTS_FILE)
     mlflow.log_text(model_card.render(facts), model_card.CARD_FILE)
 
@@ -356,10 +397,16 @@ def confusion_figure(matrix: np.ndarray, labels: list[str]) -> plt.Figure:
     figure, axes = plt.subplots(figsize=(4.5, 4))
     axes.imshow(matrix, cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
-        axes.text(j, i, str(count), ha="center", va="center",
-                  color="white" if count > matrix.max() / 2 else "black")
-    axes.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-             xlabel="predicted", ylabel="true", title="Validation confusion matrix")
+        axes.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
+    axes.set(
+        xticks=range(len(labels)),
+        yticks=range(len(labels)),
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="true",
+        title="Validation confusion matrix",
+    )
     figure.tight_layout()
     return figure
 
@@ -369,8 +416,12 @@ def curves_figure(history: dict[str, list[float]]) -> plt.Figure:
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for prefix in ("", "val_"):
             if prefix + metric in history:
-                ax.plot(range(1, len(history[prefix + metric]) + 1), history[prefix + metric],
-                        marker="o", label=(prefix or "train_") .rstrip("_"))
+                ax.plot(
+                    range(1, len(history[prefix + metric]) + 1),
+                    history[prefix + metric],
+                    marker="o",
+                    label=(prefix or "train_").rstrip("_"),
+                )
         ax.set(xlabel="epoch", title=metric)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -391,14 +442,24 @@ def _catalogue_source(db_path: Path | str):
 def log_catalogue(data: Data, db_path: Path) -> None:
     """The catalogue as the active run's dataset input (digest = its content hash), and as a tag."""
     mlflow.set_tag("catalogue_sha256", data.content_hash)
-    dataset = mlflow.data.from_pandas(data.frame.drop(columns=["file"]), source=_catalogue_source(db_path),
-                                      name="catalogue", targets="label", digest=data.content_hash[:32])
+    dataset = mlflow.data.from_pandas(
+        data.frame.drop(columns=["file"]),
+        source=_catalogue_source(db_path),
+        name="catalogue",
+        targets="label",
+        digest=data.content_hash[:32],
+    )
     mlflow.log_input(dataset, context="training")
 
 
-def train(db_path: Path, image_size: int = defaults.IMAGE_SIZE, epochs: int = defaults.EPOCHS,
-          patience: int = defaults.PATIENCE, seed: int = defaults.SEED,
-          hp: Hyperparameters | None = None) -> tuple[str, float, str]:
+def train(
+    db_path: Path,
+    image_size: int = defaults.IMAGE_SIZE,
+    epochs: int = defaults.EPOCHS,
+    patience: int = defaults.PATIENCE,
+    seed: int = defaults.SEED,
+    hp: Hyperparameters | None = None,
+) -> tuple[str, float, str]:
     """Train and log one model; returns (run id, validation accuracy, model URI)."""
     hp = hp or Hyperparameters()
     if hp.backbone != backbones.CNN:  # a missing weights file stops us here, before any work
@@ -406,9 +467,19 @@ def train(db_path: Path, image_size: int = defaults.IMAGE_SIZE, epochs: int = de
     keras.utils.set_random_seed(seed)
     data = load_data(db_path, image_size)
     with start_run("train") as run:
-        mlflow.log_params({**asdict(hp), "image_size": image_size, "epochs": epochs, "patience": patience,
-                           "seed": seed, "db": catalogue.describe(db_path), "labels": json.dumps(data.labels),
-                           "train_images": len(data.y_train), "val_images": len(data.y_val)})
+        mlflow.log_params(
+            {
+                **asdict(hp),
+                "image_size": image_size,
+                "epochs": epochs,
+                "patience": patience,
+                "seed": seed,
+                "db": catalogue.describe(db_path),
+                "labels": json.dumps(data.labels),
+                "train_images": len(data.y_train),
+                "val_images": len(data.y_val),
+            }
+        )
         log_catalogue(data, db_path)
         model = build_model(hp, image_size, len(data.labels))
         history = fit(model, data, hp, epochs, patience, seed, callbacks=[MlflowMetrics()])

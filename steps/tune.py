@@ -19,6 +19,7 @@ The story, top to bottom:
    oracle and owns the parent run; each worker reads the parent run id (MLFLOW_PARENT_RUN_ID, else
    search.json in the shared directory) and logs its trials as children of that one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,15 +76,16 @@ def hyperparameters(hp: kt.HyperParameters, network: train.Hyperparameters | Non
         learning_rate=hp.Float("learning_rate", 3e-4, 1e-2, sampling="log", default=default.learning_rate),
         augment=hp.Choice("augment", [0.0, 0.05, 0.1, 0.15, 0.2], default=default.augment),
         batch_size=default.batch_size,
-        backbone=network.backbone, weights=network.weights, fine_tune_epochs=network.fine_tune_epochs,
+        backbone=network.backbone,
+        weights=network.weights,
+        fine_tune_epochs=network.fine_tune_epochs,
     )
 
 
 class AnimalHyperModel(kt.HyperModel):
     """train.build_model and train.fit on data decoded once for all trials."""
 
-    def __init__(self, data: train.Data, image_size: int, patience: int, seed: int,
-                 network: train.Hyperparameters | None = None):
+    def __init__(self, data: train.Data, image_size: int, patience: int, seed: int, network: train.Hyperparameters | None = None):
         super().__init__(name="animal_cnn")
         self.data, self.image_size, self.patience, self.seed = data, image_size, patience, seed
         self.network = network or train.Hyperparameters()  # backbone, weights, fine_tune_epochs
@@ -94,12 +96,19 @@ class AnimalHyperModel(kt.HyperModel):
         keras.utils.set_random_seed(self.seed)  # same initialisation for every trial: only the hps differ
         return train.build_model(hyperparameters(hp, self.network), self.image_size, len(self.data.labels))
 
-    def fit(self, hp: kt.HyperParameters, model: keras.Model, *args, epochs: int = 1,
-            callbacks: list | None = None, initial_epoch: int = 0, **kwargs) -> keras.callbacks.History:
+    def fit(
+        self,
+        hp: kt.HyperParameters,
+        model: keras.Model,
+        *args,
+        epochs: int = 1,
+        callbacks: list | None = None,
+        initial_epoch: int = 0,
+        **kwargs,
+    ) -> keras.callbacks.History:
         # Hyperband passes `initial_epoch` when it continues an earlier trial's model.
         chosen, patience = hyperparameters(hp, self.network), self.patience or epochs
-        history = train.fit(model, self.data, chosen, epochs, patience, self.seed, callbacks=callbacks,
-                            initial_epoch=initial_epoch)
+        history = train.fit(model, self.data, chosen, epochs, patience, self.seed, callbacks=callbacks, initial_epoch=initial_epoch)
         return train.fine_tune(model, self.data, chosen, history, patience, self.seed, callbacks=callbacks)
 
 
@@ -111,8 +120,13 @@ class MlflowTrials:
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args, **kwargs) -> list:
         tags = {TRIAL_TAG: trial.trial_id, "tuner_id": self.tuner_id}
-        with mlflow.start_run(run_name=f"trial {number(trial.trial_id)}", experiment_id=self.search_run.experiment_id,
-                              parent_run_id=self.search_run.run_id, nested=True, tags=tags):
+        with mlflow.start_run(
+            run_name=f"trial {number(trial.trial_id)}",
+            experiment_id=self.search_run.experiment_id,
+            parent_run_id=self.search_run.run_id,
+            nested=True,
+            tags=tags,
+        ):
             mlflow.log_params(trial.hyperparameters.values)
             try:
                 histories = super().run_trial(trial, *args, **kwargs)
@@ -154,8 +168,11 @@ class MlflowTrials:
         if outcome.startswith("val_accuracy"):
             outcome += f", {duration(now - self._trial_started)})"
         best = self.oracle.get_best_trials(1)
-        best = (f"best so far {best[0].score:.4f} (trial {number(best[0].trial_id)})"
-                if best and best[0].score is not None else "no trial completed yet")
+        best = (
+            f"best so far {best[0].score:.4f} (trial {number(best[0].trial_id)})"
+            if best and best[0].score is not None
+            else "no trial completed yet"
+        )
         elapsed = now - self._search_started
         # A worker cannot ask the oracle what is left; a single process can.
         remaining = self.oracle.remaining_trials() if hasattr(self.oracle, "remaining_trials") else None
@@ -176,12 +193,12 @@ def number(trial_id: str) -> int:
 def describe(values: dict) -> str:
     """Hyperparameter values in the search space's order (a worker gets them back in another)."""
     names = [*MAIN_HYPERPARAMETERS, *sorted(set(values) - set(MAIN_HYPERPARAMETERS))]
-    return " ".join(f"{k}={values[k]:.3g}" if isinstance(values[k], float) else f"{k}={values[k]}"
-                    for k in names if k in values)
+    return " ".join(f"{k}={values[k]:.3g}" if isinstance(values[k], float) else f"{k}={values[k]}" for k in names if k in values)
 
 
-def make_tuner(kind: str, hypermodel: AnimalHyperModel, max_trials: int, epochs: int, seed: int,
-               directory: Path, overwrite: bool) -> kt.Tuner:
+def make_tuner(
+    kind: str, hypermodel: AnimalHyperModel, max_trials: int, epochs: int, seed: int, directory: Path, overwrite: bool
+) -> kt.Tuner:
     if kind not in TUNERS:
         raise ValueError(f"unknown tuner {kind!r}: choose one of {', '.join(TUNERS)}")
     base = TUNERS[kind]
@@ -189,8 +206,15 @@ def make_tuner(kind: str, hypermodel: AnimalHyperModel, max_trials: int, epochs:
     if kind == "bayesian":  # KerasTuner's default (3 x 6 random points) would leave no room for the model
         budget["num_initial_points"] = max(3, max_trials // 3)
     tuner = type(f"Mlflow{base.__name__}", (MlflowTrials, base), {})(
-        hypermodel, objective=OBJECTIVE, seed=seed, directory=str(directory), project_name=kind,
-        overwrite=overwrite, max_consecutive_failed_trials=3, **budget)
+        hypermodel,
+        objective=OBJECTIVE,
+        seed=seed,
+        directory=str(directory),
+        project_name=kind,
+        overwrite=overwrite,
+        max_consecutive_failed_trials=3,
+        **budget,
+    )
     if kind == "hyperband":
         tuner.oracle.max_trials = max_trials  # Hyperband has no trial budget of its own: cap it
     return tuner
@@ -214,10 +238,19 @@ class Result:
     promotion: Promotion
 
 
-def tune(db_path: Path, max_trials: int = defaults.MAX_TRIALS, epochs: int = defaults.TUNE_EPOCHS,
-         tuner: str = defaults.TUNER, image_size: int = defaults.IMAGE_SIZE, seed: int = defaults.SEED,
-         overwrite: bool = False, directory: Path = defaults.TUNING_DIR, patience: int = defaults.TUNE_PATIENCE,
-         model_name: str = MODEL_NAME, network: train.Hyperparameters | None = None) -> Result | None:
+def tune(
+    db_path: Path,
+    max_trials: int = defaults.MAX_TRIALS,
+    epochs: int = defaults.TUNE_EPOCHS,
+    tuner: str = defaults.TUNER,
+    image_size: int = defaults.IMAGE_SIZE,
+    seed: int = defaults.SEED,
+    overwrite: bool = False,
+    directory: Path = defaults.TUNING_DIR,
+    patience: int = defaults.TUNE_PATIENCE,
+    model_name: str = MODEL_NAME,
+    network: train.Hyperparameters | None = None,
+) -> Result | None:
     """Run (or resume) a search; returns its result, or None on a distributed worker. `network`:
     backbone, weights and fine_tune_epochs for every trial (the rest of it is searched)."""
     started, mode = time.monotonic(), role()
@@ -228,14 +261,21 @@ def tune(db_path: Path, max_trials: int = defaults.MAX_TRIALS, epochs: int = def
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
     keras.utils.set_random_seed(seed)
     data = train.load_data(db_path, image_size)
-    settings = {"tuner": tuner, "epochs": epochs, "patience": patience, "image_size": image_size,
-                "seed": seed, "catalogue_sha256": data.content_hash, "backbone": network.backbone,
-                "weights": network.weights, "fine_tune_epochs": network.fine_tune_epochs}
+    settings = {
+        "tuner": tuner,
+        "epochs": epochs,
+        "patience": patience,
+        "image_size": image_size,
+        "seed": seed,
+        "catalogue_sha256": data.content_hash,
+        "backbone": network.backbone,
+        "weights": network.weights,
+        "fine_tune_epochs": network.fine_tune_epochs,
+    }
     hypermodel = AnimalHyperModel(data, image_size, patience, seed, network)
     if overwrite and mode == "worker":
         print("[tune] overwrite is the chief's to decide: this worker joins the search as it is")
-    search = make_tuner(tuner, hypermodel, max_trials, epochs, seed, directory,
-                        overwrite=overwrite and mode != "worker")
+    search = make_tuner(tuner, hypermodel, max_trials, epochs, seed, directory, overwrite=overwrite and mode != "worker")
     if mode == "worker":
         run_worker(search, settings, epochs, launcher)
         return None
@@ -259,19 +299,32 @@ def run_worker(search: kt.Tuner, settings: dict, epochs: int, launcher: str | No
     print(f"[tune] worker {search.tuner_id}: the oracle has no more trials; the chief logs the result")
 
 
-def run_search(search: kt.Tuner, settings: dict, data: train.Data, db_path: Path, max_trials: int,
-               directory: Path, launcher: str | None, model_name: str) -> Result:
+def run_search(
+    search: kt.Tuner,
+    settings: dict,
+    data: train.Data,
+    db_path: Path,
+    max_trials: int,
+    directory: Path,
+    launcher: str | None,
+    model_name: str,
+) -> Result:
     """A single process, or the chief serving the oracle: owns the parent run, new or resumed."""
     state_file = Path(search.project_dir) / STATE_FILE
     state = read_state(state_file, settings) if state_file.exists() else {}
     parent_id = existing_run(state.get("parent_run_id"))
     if state and parent_id is None:
-        print(f"[tune] warning: the search's MLflow run {state['parent_run_id']} is gone; its earlier "
-              "trials stay in the search but not in MLflow")
+        print(
+            f"[tune] warning: the search's MLflow run {state['parent_run_id']} is gone; its earlier "
+            "trials stay in the search but not in MLflow"
+        )
     done = sum(t.status in ("COMPLETED", "FAILED") for t in search.oracle.trials.values())
-    print(f"[tune] {settings['tuner']} search of {plural(max_trials, 'trial')}, up to {plural(settings['epochs'], 'epoch')} "
-          f"each, on {len(data.y_train)} train / {len(data.y_val)} validation images at {settings['image_size']} px; "
-          f"state in {search.project_dir}" + (f" (resuming: {plural(done, 'trial')} done)" if done else ""), flush=True)
+    print(
+        f"[tune] {settings['tuner']} search of {plural(max_trials, 'trial')}, up to {plural(settings['epochs'], 'epoch')} "
+        f"each, on {len(data.y_train)} train / {len(data.y_val)} validation images at {settings['image_size']} px; "
+        f"state in {search.project_dir}" + (f" (resuming: {plural(done, 'trial')} done)" if done else ""),
+        flush=True,
+    )
 
     run_name = None if parent_id else f"tune-{settings['tuner']}"
     with mlflow.start_run(run_id=parent_id or launcher, run_name=run_name) as run:
@@ -285,8 +338,11 @@ def run_search(search: kt.Tuner, settings: dict, data: train.Data, db_path: Path
         try:
             if role() == "chief":
                 if not finished(search):  # else no worker would come to tell the chief to stop
-                    print(f"[tune] chief: serving the oracle on {os.environ['KERASTUNER_ORACLE_IP']}:"
-                          f"{os.environ['KERASTUNER_ORACLE_PORT']}; start the workers", flush=True)
+                    print(
+                        f"[tune] chief: serving the oracle on {os.environ['KERASTUNER_ORACLE_IP']}:"
+                        f"{os.environ['KERASTUNER_ORACLE_PORT']}; start the workers",
+                        flush=True,
+                    )
                     search.search(verbose=1)  # KerasTuner's display: the chief's view of every trial
             else:
                 search.search(epochs=settings["epochs"], callbacks=[train.MlflowMetrics()], verbose=0)
@@ -303,8 +359,10 @@ def read_state(state_file: Path, settings: dict) -> dict:
     different = {k: (v, settings.get(k)) for k, v in state["settings"].items() if settings.get(k) != v}
     if different:
         said = ", ".join(f"{k}={was} (now {now})" for k, (was, now) in different.items())
-        raise SearchMismatch(f"the search in {state_file.parent} was made with {said}: run with the same "
-                             "settings to resume it, or with overwrite=true (or another directory) to start over")
+        raise SearchMismatch(
+            f"the search in {state_file.parent} was made with {said}: run with the same "
+            "settings to resume it, or with overwrite=true (or another directory) to start over"
+        )
     return state
 
 
@@ -332,10 +390,16 @@ def tag_session(launcher: str | None, parent_id: str, name: str, role: str) -> N
         client.update_run(launcher, name=name)
 
 
-def log_search_settings(run: mlflow.ActiveRun, settings: dict, data: train.Data, db_path: Path,
-                        max_trials: int, directory: Path) -> None:
-    params = {**settings, "max_trials": max_trials, "db": catalogue.describe(db_path), "directory": str(directory),
-              "labels": json.dumps(data.labels), "train_images": len(data.y_train), "val_images": len(data.y_val)}
+def log_search_settings(run: mlflow.ActiveRun, settings: dict, data: train.Data, db_path: Path, max_trials: int, directory: Path) -> None:
+    params = {
+        **settings,
+        "max_trials": max_trials,
+        "db": catalogue.describe(db_path),
+        "directory": str(directory),
+        "labels": json.dumps(data.labels),
+        "train_images": len(data.y_train),
+        "val_images": len(data.y_val),
+    }
     params.pop("catalogue_sha256")  # a tag, as in `train`
     # `mlflow run` has already logged the entry point's parameters, in its own spelling: keep those.
     logged = MlflowClient().get_run(run.info.run_id).data.params
@@ -368,8 +432,15 @@ def summarise(search: kt.Tuner, data: train.Data, image_size: int, db_path: Path
     figure = trials_figure(table)
     mlflow.log_figure(figure, "trials.png")
     plt.close(figure)
-    mlflow.log_dict({"trial": number(best_trial.trial_id), "trial_id": best_trial.trial_id,
-                     "val_accuracy": best_trial.score, "hyperparameters": best_values}, "best_hyperparameters.json")
+    mlflow.log_dict(
+        {
+            "trial": number(best_trial.trial_id),
+            "trial_id": best_trial.trial_id,
+            "val_accuracy": best_trial.score,
+            "hyperparameters": best_values,
+        },
+        "best_hyperparameters.json",
+    )
     mlflow.log_metric("best_val_accuracy", best_trial.score)
     mlflow.set_tags({"best_trial": number(best_trial.trial_id), **{f"best.{k}": v for k, v in asdict(best).items()}})
 
@@ -388,8 +459,9 @@ def summarise(search: kt.Tuner, data: train.Data, image_size: int, db_path: Path
 
 def child_runs(parent: mlflow.entities.RunInfo) -> dict[str, str]:
     """trial id -> its latest child run (an interrupted trial has a KILLED run and a later one)."""
-    runs = mlflow.search_runs([parent.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = "
-                              f"'{parent.run_id}'", order_by=["attributes.start_time ASC"])
+    runs = mlflow.search_runs(
+        [parent.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}'", order_by=["attributes.start_time ASC"]
+    )
     if runs.empty or f"tags.{TRIAL_TAG}" not in runs:
         return {}
     runs = runs.dropna(subset=[f"tags.{TRIAL_TAG}"])
@@ -398,11 +470,19 @@ def child_runs(parent: mlflow.entities.RunInfo) -> dict[str, str]:
 
 def trials_table(oracle: kt.Oracle, children: dict[str, str]) -> pd.DataFrame:
     """One row per trial, from the oracle (it knows every worker's trials), with its MLflow run."""
-    rows = [{"trial": number(t.trial_id), "trial_id": t.trial_id, "status": t.status, "val_accuracy": t.score,
-             "best_epoch": None if t.best_step is None else int(t.best_step) + 1,
-             **t.hyperparameters.values, "run_id": children.get(t.trial_id),
-             "error": (t.message or "").strip().splitlines()[-1] if t.message else None}
-            for t in oracle.trials.values()]
+    rows = [
+        {
+            "trial": number(t.trial_id),
+            "trial_id": t.trial_id,
+            "status": t.status,
+            "val_accuracy": t.score,
+            "best_epoch": None if t.best_step is None else int(t.best_step) + 1,
+            **t.hyperparameters.values,
+            "run_id": children.get(t.trial_id),
+            "error": (t.message or "").strip().splitlines()[-1] if t.message else None,
+        }
+        for t in oracle.trials.values()
+    ]
     return pd.DataFrame(rows).sort_values("trial", ignore_index=True)
 
 
@@ -430,8 +510,10 @@ def trial_history(run_id: str | None) -> keras.callbacks.History | None:
     if run_id is None:
         return None
     client, history = MlflowClient(), keras.callbacks.History()
-    history.history = {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-                       for key in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    history.history = {
+        key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy")
+    }
     return history
 
 
@@ -468,8 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=defaults.IMAGE_SIZE)
     parser.add_argument("--seed", type=int, default=defaults.SEED)
     parser.add_argument("--patience", type=int, default=defaults.TUNE_PATIENCE, help="early stopping within a trial, in epochs; 0: off")
-    parser.add_argument("--overwrite", type=defaults.boolean, default=False,
-                        help="true: start the search over; false (default): resume it")
+    parser.add_argument("--overwrite", type=defaults.boolean, default=False, help="true: start the search over; false (default): resume it")
     parser.add_argument("--directory", type=Path, default=defaults.TUNING_DIR)
     network = defaults.Hyperparameters()
     parser.add_argument("--backbone", choices=backbones.CHOICES, default=network.backbone)
@@ -483,10 +564,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        network = train.Hyperparameters(backbone=args.backbone, weights=args.weights,
-                                        fine_tune_epochs=args.fine_tune_epochs)
-        tune(args.db, args.max_trials, args.epochs, args.tuner, args.image_size, args.seed, args.overwrite,
-             args.directory, args.patience, network=network)
+        network = train.Hyperparameters(backbone=args.backbone, weights=args.weights, fine_tune_epochs=args.fine_tune_epochs)
+        tune(
+            args.db,
+            args.max_trials,
+            args.epochs,
+            args.tuner,
+            args.image_size,
+            args.seed,
+            args.overwrite,
+            args.directory,
+            args.patience,
+            network=network,
+        )
     except (FileNotFoundError, ValueError, LookupError, RuntimeError) as error:
         print(f"tune: error: {error}", file=sys.stderr)
         return 2

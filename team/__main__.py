@@ -2,6 +2,7 @@
 
 upgrade: after installing a newer MLflow, stop the tracking server, `mlflow db upgrade` its database,
 start it again (back up first: docs/team.md)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,16 +16,18 @@ from team.cluster import Layout, TeamError, down, exports, postgres_running, tra
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m team", description=__doc__)
     parser.add_argument("action", choices=("up", "down", "status", "upgrade"))
-    parser.add_argument("--home", type=Path, default=defaults.TEAM_DIR,
-                        help="the cluster's data, artifacts and logs")
-    parser.add_argument("--host", default=defaults.TEAM_HOST,
-                        help="where PostgreSQL and the tracking server listen (0.0.0.0: other machines too)")
+    parser.add_argument("--home", type=Path, default=defaults.TEAM_DIR, help="the cluster's data, artifacts and logs")
+    parser.add_argument(
+        "--host", default=defaults.TEAM_HOST, help="where PostgreSQL and the tracking server listen (0.0.0.0: other machines too)"
+    )
     parser.add_argument("--postgres-port", type=int, default=defaults.TEAM_POSTGRES_PORT)
     parser.add_argument("--port", type=int, default=defaults.TEAM_TRACKING_PORT, help="the tracking server's")
-    parser.add_argument("--artifacts", default=None,
-                        help="where the server keeps artifacts: a folder (default <home>/artifacts) or s3://bucket/prefix")
-    parser.add_argument("--allowed-hosts", default=None,
-                        help="Host headers accepted beyond localhost and private IPs, e.g. mlflow.example.com")
+    parser.add_argument(
+        "--artifacts", default=None, help="where the server keeps artifacts: a folder (default <home>/artifacts) or s3://bucket/prefix"
+    )
+    parser.add_argument(
+        "--allowed-hosts", default=None, help="Host headers accepted beyond localhost and private IPs, e.g. mlflow.example.com"
+    )
     parser.add_argument("--workers", type=int, default=defaults.TEAM_WORKERS)
     return parser
 
@@ -38,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             env_file = layout.home / "team.env"
             env_file.touch(mode=0o600)  # it holds the database password
             env_file.write_text(exports(layout))
-            print(f"team: PostgreSQL on {layout.client_host()}:{layout.postgres_port}, "
-                  f"tracking server on {layout.tracking_uri()}\n"
-                  f"use it (also in {layout.home / 'team.env'}):\n{exports(layout)}", end="")
+            print(
+                f"team: PostgreSQL on {layout.client_host()}:{layout.postgres_port}, "
+                f"tracking server on {layout.tracking_uri()}\n"
+                f"use it (also in {layout.home / 'team.env'}):\n{exports(layout)}",
+                end="",
+            )
         elif args.action == "upgrade":
             upgrade(layout, args.artifacts, args.allowed_hosts, args.workers)
             print(f"team: tracking database migrated, server back on {layout.tracking_uri()}")
@@ -48,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             down(layout)
             print("team: stopped")
         else:
-            print(f"PostgreSQL: {'running' if postgres_running(layout) else 'stopped'}; tracking server "
-                  f"{layout.tracking_uri()}: {'answers' if tracking_server_answers(layout.tracking_uri()) else 'down'}")
+            print(
+                f"PostgreSQL: {'running' if postgres_running(layout) else 'stopped'}; tracking server "
+                f"{layout.tracking_uri()}: {'answers' if tracking_server_answers(layout.tracking_uri()) else 'down'}"
+            )
     except TeamError as error:
         print(f"team: error: {error}", file=sys.stderr)
         return 2

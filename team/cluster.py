@@ -5,6 +5,7 @@ user when we are root (PostgreSQL refuses to run as root), on its own port, so i
 system cluster. It holds two databases: `mlflow` (runs and registry, the tracking server's backend
 store) and `animal` (the catalogue). The tracking server proxies artifacts to a folder or a bucket.
 """
+
 from __future__ import annotations
 
 import glob
@@ -77,14 +78,14 @@ class Layout:
 
     def client_environment(self) -> dict[str, str]:
         """What a client process needs in its environment to use this installation."""
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri(), "ANIMAL_DB": self.database_url("animal"),
-                "PGPASSWORD": self.password()}
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri(), "ANIMAL_DB": self.database_url("animal"), "PGPASSWORD": self.password()}
 
     def tracking_uri(self) -> str:
         return f"http://{self.client_host()}:{self.tracking_port}"
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------
+
 
 def postgres_bin(program: str) -> str:
     """A PostgreSQL server program: Debian keeps them off PATH, under /usr/lib/postgresql/<major>/bin."""
@@ -93,8 +94,7 @@ def postgres_bin(program: str) -> str:
         return found[-1]
     if shutil.which(program):
         return shutil.which(program)
-    raise TeamError(f"PostgreSQL's {program} is not installed: run `make postgres` "
-                    "(apt-get install postgresql) and try again")
+    raise TeamError(f"PostgreSQL's {program} is not installed: run `make postgres` (apt-get install postgresql) and try again")
 
 
 def _as_service_user(command: list[str]) -> list[str]:
@@ -104,8 +104,7 @@ def _as_service_user(command: list[str]) -> list[str]:
     try:
         pwd.getpwnam(SERVICE_USER)
     except KeyError:
-        raise TeamError("running as root needs the `postgres` user that Debian's postgresql package "
-                        "creates: run `make postgres`") from None
+        raise TeamError("running as root needs the `postgres` user that Debian's postgresql package creates: run `make postgres`") from None
     return ["runuser", "-u", SERVICE_USER, "--", *command]
 
 
@@ -126,8 +125,10 @@ def _give_to_service_user(folder: Path) -> None:
     # The service user must be able to reach its folder: every parent must be searchable.
     for parent in folder.parents:
         if not os.stat(parent).st_mode & 0o001:
-            raise TeamError(f"the postgres user cannot enter {parent} (mode {oct(os.stat(parent).st_mode)[-3:]}): "
-                            "put the team folder elsewhere, e.g. TEAM_DIR=/var/lib/animal-team")
+            raise TeamError(
+                f"the postgres user cannot enter {parent} (mode {oct(os.stat(parent).st_mode)[-3:]}): "
+                "put the team folder elsewhere, e.g. TEAM_DIR=/var/lib/animal-team"
+            )
 
 
 def init_postgres(layout: Layout) -> None:
@@ -144,9 +145,22 @@ def init_postgres(layout: Layout) -> None:
     password_copy.write_text(layout.password() + "\n")
     _give_to_service_user(layout.postgres_dir)
     try:
-        _run([postgres_bin("initdb"), "-D", str(layout.data), "-U", USER, f"--pwfile={password_copy}",
-              "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"],
-             "initdb")
+        _run(
+            [
+                postgres_bin("initdb"),
+                "-D",
+                str(layout.data),
+                "-U",
+                USER,
+                f"--pwfile={password_copy}",
+                "--auth-local=scram-sha-256",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
+            "initdb",
+        )
     finally:
         password_copy.unlink(missing_ok=True)
     settings = {
@@ -184,8 +198,10 @@ def postgres_running(layout: Layout) -> bool:
 def start_postgres(layout: Layout) -> None:
     init_postgres(layout)
     if not postgres_running(layout):
-        _run([postgres_bin("pg_ctl"), "start", "-D", str(layout.data), "-l", str(layout.postgres_dir / "postgres.log"),
-              "-w", "-t", "60"], f"starting PostgreSQL (log: {layout.postgres_dir / 'postgres.log'})")
+        _run(
+            [postgres_bin("pg_ctl"), "start", "-D", str(layout.data), "-l", str(layout.postgres_dir / "postgres.log"), "-w", "-t", "60"],
+            f"starting PostgreSQL (log: {layout.postgres_dir / 'postgres.log'})",
+        )
     _create_databases(layout)
 
 
@@ -202,14 +218,15 @@ def _create_databases(layout: Layout) -> None:
 
 def stop_postgres(layout: Layout) -> None:
     if postgres_running(layout):
-        _run([postgres_bin("pg_ctl"), "stop", "-D", str(layout.data), "-m", "fast", "-w", "-t", "60"],
-             "stopping PostgreSQL")
+        _run([postgres_bin("pg_ctl"), "stop", "-D", str(layout.data), "-m", "fast", "-w", "-t", "60"], "stopping PostgreSQL")
 
 
 # --- the tracking server ------------------------------------------------------------------------
 
-def start_tracking_server(layout: Layout, artifacts: str, allowed_hosts: str | None = None, workers: int = 2,
-                          timeout: float = 120) -> subprocess.Popen | None:
+
+def start_tracking_server(
+    layout: Layout, artifacts: str, allowed_hosts: str | None = None, workers: int = 2, timeout: float = 120
+) -> subprocess.Popen | None:
     """`mlflow server` on the cluster's `mlflow` database, proxying artifacts to `artifacts` (a folder
     or s3://bucket/prefix). Returns the process it started, or None if one was already answering."""
     if tracking_server_answers(layout.tracking_uri()):
@@ -217,10 +234,22 @@ def start_tracking_server(layout: Layout, artifacts: str, allowed_hosts: str | N
     if not artifacts.startswith("s3://"):
         artifacts = str(Path(artifacts).resolve())
         Path(artifacts).mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", layout.database_url("mlflow", "postgresql+psycopg"),
-               "--artifacts-destination", artifacts,
-               "--host", layout.host, "--port", str(layout.tracking_port), "--workers", str(workers)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        layout.database_url("mlflow", "postgresql+psycopg"),
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        layout.host,
+        "--port",
+        str(layout.tracking_port),
+        "--workers",
+        str(workers),
+    ]
     if allowed_hosts:
         command += ["--allowed-hosts", allowed_hosts]
     log = layout.tracking_log.open("ab")
@@ -275,6 +304,7 @@ def stop_tracking_server(layout: Layout, timeout: float = 10) -> bool:
 
 # --- both ---------------------------------------------------------------------------------------
 
+
 def up(layout: Layout, artifacts: str | None = None, allowed_hosts: str | None = None, workers: int = 2) -> None:
     start_postgres(layout)
     start_tracking_server(layout, artifacts or str(layout.home / "artifacts"), allowed_hosts, workers)
@@ -288,9 +318,13 @@ def down(layout: Layout) -> None:
 def upgrade_schema(layout: Layout) -> str:
     """`mlflow db upgrade` on the tracking database (after installing a newer MLflow); its output."""
     env = {**os.environ, "PGPASSWORD": layout.password()}
-    result = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade",
-                             layout.database_url("mlflow", "postgresql+psycopg")],
-                            capture_output=True, text=True, env=env, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "db", "upgrade", layout.database_url("mlflow", "postgresql+psycopg")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise TeamError(f"mlflow db upgrade failed: {detail[-1] if detail else result.returncode}")

@@ -5,6 +5,7 @@ given as MLFLOW_TRACKING_URI=http(s)://... must answer its /health (MLflow itsel
 minutes); while it runs, an unreachable catalogue database, image store or tracking server ends it
 with one line that names what is unreachable and how to start it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,10 @@ def tracking_server_problem(uri: str | None = None) -> str | None:
         reason = str(getattr(error, "reason", error))
     except OSError as error:
         reason = str(error)
-    return (f"the MLflow tracking server {uri} is unreachable ({reason}): start it (`make team-up` on its "
-            "machine) or point MLFLOW_TRACKING_URI at a running one")
+    return (
+        f"the MLflow tracking server {uri} is unreachable ({reason}): start it (`make team-up` on its "
+        "machine) or point MLFLOW_TRACKING_URI at a running one"
+    )
 
 
 def one_line_errors(step: str) -> Callable[[Callable[..., int]], Callable[..., int]]:

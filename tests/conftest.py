@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated MLflow store for every test session, a tiny pipeline run on generated
 data (once per session), and a real `mlflow models serve` of its Production model."""
+
 from __future__ import annotations
 
 import os
@@ -81,16 +82,16 @@ def scoring_server(pipeline, tmp_path_factory) -> str:
         yield served.url
 
 
-def run_distributed_tune(command: list[str], env: dict, cwd: Path, logs_dir: Path, state_file: Path,
-                         timeout: float) -> None:
+def run_distributed_tune(command: list[str], env: dict, cwd: Path, logs_dir: Path, state_file: Path, timeout: float) -> None:
     """KerasTuner's distributed mode on loopback: the chief first (it writes `state_file` once it
     serves the oracle), then two workers; fails with the last lines of the log of any that fails."""
     logs, processes = {}, {}
 
     def start(tuner_id: str) -> None:
         logs[tuner_id] = (logs_dir / f"{tuner_id}.log").open("w")
-        processes[tuner_id] = subprocess.Popen(command, cwd=cwd, env={**env, "KERASTUNER_TUNER_ID": tuner_id},
-                                               stdout=logs[tuner_id], stderr=subprocess.STDOUT)
+        processes[tuner_id] = subprocess.Popen(
+            command, cwd=cwd, env={**env, "KERASTUNER_TUNER_ID": tuner_id}, stdout=logs[tuner_id], stderr=subprocess.STDOUT
+        )
 
     start("chief")
     try:
@@ -107,4 +108,3 @@ def run_distributed_tune(command: list[str], env: dict, cwd: Path, logs_dir: Pat
                 process.kill()
         for log in logs.values():
             log.close()
-

@@ -1,5 +1,6 @@
 """steps.train.Augmentation: Keras's random flip, rotation, zoom and translation, composed into one
 resampling, then contrast. The composition must be the same geometry as the four applied in turn."""
+
 from __future__ import annotations
 
 import keras
@@ -22,8 +23,7 @@ def smooth_images(n: int = 8, size: int = 48) -> tf.Tensor:
 
 
 def apply(images: tf.Tensor, transform: tf.Tensor) -> np.ndarray:
-    return np.asarray(keras.ops.image.affine_transform(images, transform, interpolation="bilinear",
-                                                       fill_mode="reflect"))
+    return np.asarray(keras.ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="reflect"))
 
 
 def test_one_composed_transform_is_the_four_in_turn():
@@ -43,8 +43,9 @@ def test_the_flip_is_exact_and_the_identity_is_the_identity():
     flip = tf.constant([[-1, 0, width - 1, 0, 1, 0, 0, 0]] * 2, tf.float32)
     np.testing.assert_allclose(apply(images, flip), images.numpy()[:, :, ::-1], atol=1e-3)
     identity = tf.constant([[1, 0, 0, 0, 1, 0, 0, 0]] * 2, tf.float32)
-    np.testing.assert_allclose(apply(images, compose(*[tf.reshape(tf.concat([identity, tf.ones([2, 1])], 1),
-                                                                 [-1, 3, 3])] * 3)), images.numpy(), atol=1e-3)
+    np.testing.assert_allclose(
+        apply(images, compose(*[tf.reshape(tf.concat([identity, tf.ones([2, 1])], 1), [-1, 3, 3])] * 3)), images.numpy(), atol=1e-3
+    )
 
 
 def test_augmentation_varies_images_within_range_and_is_off_out_of_training():

@@ -1,6 +1,7 @@
 """Pretrained backbones, never the network: a weights file made here (the backbone randomly
 initialised and saved) goes the whole way: loaded, trained (head, then fine-tuned), logged,
 registered, served through the pyfunc. Offline, weights=imagenet stops with one line."""
+
 from __future__ import annotations
 
 import keras
@@ -42,8 +43,7 @@ def offline(monkeypatch, tmp_path):
 
 def test_weights_imagenet_offline_stops_with_one_line(tiny_db, monkeypatch, tmp_path, capsys):
     offline(monkeypatch, tmp_path)
-    code = train.main(["--db", str(tiny_db), "--image-size", str(SIZE), "--backbone", "mobilenet_v3_small",
-                       "--weights", "imagenet"])
+    code = train.main(["--db", str(tiny_db), "--image-size", str(SIZE), "--backbone", "mobilenet_v3_small", "--weights", "imagenet"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("train: error: weights=imagenet for mobilenet_v3_small")
@@ -105,7 +105,8 @@ def test_pretrained_path_end_to_end(tiny_db, weights_file, tmp_path):
     promotion = register(model_uri, tiny_db, name="animal-backbone")
     files = list(tiny_db.parent.glob("images/val/*/*.jpg"))[:3]
     out = mlflow.pyfunc.load_model(f"models:/animal-backbone/{promotion.version}").predict(
-        pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+        pd.DataFrame({"image": [f.read_bytes() for f in files]})
+    )
     assert out.error.isna().all() and out.label.isin(["cat", "dog", "wild"]).all()
     assert out.unfamiliar.map(lambda v: isinstance(v, bool)).all() and out.familiarity.between(0, 1).all()
     assert 0 <= accuracy <= 1

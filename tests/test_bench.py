@@ -1,5 +1,6 @@
 """Smoke tests: each benchmark runs end to end on tiny sizes and prints its table. No timing is
 asserted (DESIGN.md: bench/ measures, tests do not); the figures are in the README."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,12 @@ def test_serving_both_ways_over_http(model_args, tmp_path, capsys):
     from bench import serving
 
     plot = tmp_path / "latency.png"
-    assert serving.main([*model_args, "--requests", "6", "--levels", "1,2", "--batches", "2",
-                         "--batch-size", "4", "--warmup", "2", "--plot", str(plot)]) == 0
+    assert (
+        serving.main(
+            [*model_args, "--requests", "6", "--levels", "1,2", "--batches", "2", "--batch-size", "4", "--warmup", "2", "--plot", str(plot)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| 2 | baseline |" in out and "One request of 4 images" in out and "targets:" in out
     assert plot.stat().st_size > 0
@@ -28,8 +33,7 @@ def test_training_both_ways(pipeline, tmp_path, capsys):
     from steps.train import Hyperparameters, build_model
 
     plot = tmp_path / "training.png"
-    assert training.main(["--db", str(pipeline.db), "--epochs", "2", "--image-size", "32", "--filters", "4",
-                          "--plot", str(plot)]) == 0
+    assert training.main(["--db", str(pipeline.db), "--epochs", "2", "--image-size", "32", "--filters", "4", "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
     for row in ("| images only | tutorial |", "| training epoch | ours |", "later CPU s", "peak RSS MB"):
         assert row in out

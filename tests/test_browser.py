@@ -1,5 +1,6 @@
 """The upload page in a real browser (headless Debian chromium through Playwright), against the real
 scoring server of the tiny pipeline: drop or choose a photo, submit, see the label and similar images."""
+
 from __future__ import annotations
 
 import base64
@@ -15,8 +16,14 @@ from tests.conftest import ROOT, free_port
 from web.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-gpu",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
@@ -36,8 +43,9 @@ def page_url(pipeline, scoring_server):
     """The Flask app on a real HTTP server in a background thread, against the real scoring server."""
     from werkzeug.serving import make_server
 
-    app = create_app({"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db),
-                      "IMAGE_STORE": str(pipeline.image_store)})
+    app = create_app(
+        {"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db), "IMAGE_STORE": str(pipeline.image_store)}
+    )
     server = make_server("127.0.0.1", free_port(), app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -193,8 +201,10 @@ def test_an_unfamiliar_photo_gets_the_note_not_a_label(browser, page_url, scorin
     import requests
 
     candidates = far_off_images(tmp_path)
-    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]
-                                                               for p in candidates]}, "params": {"k": 0}}
+    body = {
+        "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()] for p in candidates]},
+        "params": {"k": 0},
+    }
     rows = requests.post(f"{scoring_server}/invocations", json=body, timeout=60).json()["predictions"]
     oddest = min(range(len(rows)), key=lambda i: rows[i]["familiarity"])
     assert rows[oddest]["unfamiliar"] is True, rows  # the served model flags it: now the page must say so
@@ -207,8 +217,7 @@ def test_an_unfamiliar_photo_gets_the_note_not_a_label(browser, page_url, scorin
     page.wait_for_load_state("load")
     note = page.locator("[data-unfamiliar]")
     sync_api.expect(note).to_be_visible()
-    assert note.inner_text().strip() == ("This photo is unlike the images the model was trained on — "
-                                         "its answer is a guess.")
+    assert note.inner_text().strip() == ("This photo is unlike the images the model was trained on — its answer is a guess.")
     assert page.locator("h1[data-label], .label").count() == 0  # no bold, confident label
     guess = page.locator("[data-label]").inner_text().strip().lower()
     assert guess == rows[oddest]["label"] and page.title() == f"A guess: {guess.capitalize()} · Animal faces"

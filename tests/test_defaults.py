@@ -1,5 +1,6 @@
 """Every default is defined once, in code: the MLproject's defaults must be the CLIs' defaults, which
 come from steps/defaults.py. A difference means `mlflow run` and `python -m steps.X` train differently."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,8 @@ def test_every_mlproject_default_is_the_code_default(entry_point):
         if not isinstance(declared, dict) or "default" not in declared:
             continue  # required parameter (no default on either side)
         assert same(declared["default"], code[param]), (
-            f"MLproject {entry_point}.{param} = {declared['default']!r}, code default = {code[param]!r}")
+            f"MLproject {entry_point}.{param} = {declared['default']!r}, code default = {code[param]!r}"
+        )
 
 
 def test_main_and_train_take_the_same_hyperparameters():
@@ -63,11 +65,15 @@ SETS_TF_ENVIRONMENT = re.compile(r"""(setdefault\(|environ\[|env\[)\s*["']TF_|TF
 
 
 def test_no_module_sets_the_tensorflow_environment_but_pyfunc():
-    setters = [path.relative_to(ROOT) for folder in ("steps", "pyfunc", "web", "bench", "tests")
-               for path in (ROOT / folder).rglob("*.py")
-               if path != ROOT / "pyfunc" / "__init__.py" and path != Path(__file__)
-               and not path.is_relative_to(ROOT / "bench" / "results")  # git-ignored: saved models' code copies
-               and SETS_TF_ENVIRONMENT.search(path.read_text())]
+    setters = [
+        path.relative_to(ROOT)
+        for folder in ("steps", "pyfunc", "web", "bench", "tests")
+        for path in (ROOT / folder).rglob("*.py")
+        if path != ROOT / "pyfunc" / "__init__.py"
+        and path != Path(__file__)
+        and not path.is_relative_to(ROOT / "bench" / "results")  # git-ignored: saved models' code copies
+        and SETS_TF_ENVIRONMENT.search(path.read_text())
+    ]
     assert setters == []
     assert "ONEDNN" not in (ROOT / "Makefile").read_text()
 

@@ -1,4 +1,5 @@
 """The README is a page a newcomer reads in five minutes, and every link of the docs leads somewhere."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """extract: synthetic and AFHQ-style sources, bad files, wrong layouts, re-runs."""
+
 from __future__ import annotations
 
 import csv
@@ -101,20 +102,22 @@ def test_same_name_different_image_keeps_both(tmp_path):
 def test_odd_file_names_are_made_safe(tmp_path):
     folder = tmp_path / "src" / "val" / "dog"
     folder.mkdir(parents=True)
-    (folder / "it's a \"dog\"; DROP TABLE images;--.JPG").write_bytes(jpeg())
+    (folder / 'it\'s a "dog"; DROP TABLE images;--.JPG').write_bytes(jpeg())
     extract(str(tmp_path / "src"), tmp_path / "images", tmp_path / "meta.csv")
     (row,) = read_csv(tmp_path / "meta.csv")
     assert row["path"].startswith("val/dog/") and row["path"].endswith(".jpg")
     assert all(c.isalnum() or c in "/._-" for c in row["path"])
 
 
-@pytest.mark.parametrize("make_source, message", [
-    (lambda p: p / "missing", "source not found"),
-    (lambda p: (p / "flat").mkdir() or ((p / "flat" / "a.jpg").write_bytes(jpeg()) and p / "flat"),
-     "no images laid out"),
-    (lambda p: (p / "empty").mkdir() or p / "empty", "no images laid out"),
-    (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "neither a folder nor a .zip"),
-])
+@pytest.mark.parametrize(
+    "make_source, message",
+    [
+        (lambda p: p / "missing", "source not found"),
+        (lambda p: (p / "flat").mkdir() or ((p / "flat" / "a.jpg").write_bytes(jpeg()) and p / "flat"), "no images laid out"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "no images laid out"),
+        (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "neither a folder nor a .zip"),
+    ],
+)
 def test_bad_sources_are_one_clear_error(tmp_path, make_source, message):
     with pytest.raises(SourceError, match=message):
         extract(str(make_source(tmp_path)), tmp_path / "images", tmp_path / "meta.csv")
@@ -124,8 +127,7 @@ def test_bad_sources_are_one_clear_error(tmp_path, make_source, message):
 def test_cli_reports_a_bad_source_in_one_line(tmp_path, capsys):
     from steps.extract import main
 
-    assert main(["--source", str(tmp_path / "nope"), "--image-store", str(tmp_path / "i"),
-                 "--metadata", str(tmp_path / "m.csv")]) == 2
+    assert main(["--source", str(tmp_path / "nope"), "--image-store", str(tmp_path / "i"), "--metadata", str(tmp_path / "m.csv")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 
@@ -134,18 +136,25 @@ def test_real_afhq_sample(tmp_path):
     report = extract(str(SHARED_SAMPLE), tmp_path / "images", tmp_path / "meta.csv")
     rows = read_csv(tmp_path / "meta.csv")
     assert len(rows) == 57 and not report.skipped
-    counts = {(s, label): sum(r["split"] == s and r["label"] == label for r in rows)
-              for s in ("train", "val") for label in ("cat", "dog", "wild")}
-    assert counts == {("train", "cat"): 5, ("train", "dog"): 5, ("train", "wild"): 5,
-                      ("val", "cat"): 16, ("val", "dog"): 11, ("val", "wild"): 15}
+    counts = {
+        (s, label): sum(r["split"] == s and r["label"] == label for r in rows) for s in ("train", "val") for label in ("cat", "dog", "wild")
+    }
+    assert counts == {
+        ("train", "cat"): 5,
+        ("train", "dog"): 5,
+        ("train", "wild"): 5,
+        ("val", "cat"): 16,
+        ("val", "dog"): 11,
+        ("val", "wild"): 15,
+    }
     assert {(r["width"], r["height"]) for r in rows} == {("512", "512")}
 
 
 # --- AFHQ-sized synthetic images, the default unchanged, progress, the CSV written atomically ------
 
+
 def test_synthetic_size_512_writes_afhq_sized_jpegs(tmp_path):
-    report = extract("synthetic", tmp_path / "images", tmp_path / "meta.csv", images_per_class=2, seed=1,
-                     synthetic_size=512)
+    report = extract("synthetic", tmp_path / "images", tmp_path / "meta.csv", images_per_class=2, seed=1, synthetic_size=512)
     rows = read_csv(tmp_path / "meta.csv")
     assert report.written == 6 and len(rows) == 6
     for row in rows:
@@ -172,16 +181,28 @@ def test_parallel_drawing_gives_the_same_images_in_the_same_order(monkeypatch):
     serial = list(module._synthetic(4, 0.25, 9, 64))
     monkeypatch.setattr(module, "PARALLEL_FROM", 1)  # a pool even for 12 images
     parallel = list(module._synthetic(4, 0.25, 9, 64))
-    assert [(i.split, i.label, i.name, i.data) for i in parallel] == [(i.split, i.label, i.name, i.data)
-                                                                      for i in serial]
+    assert [(i.split, i.label, i.name, i.data) for i in parallel] == [(i.split, i.label, i.name, i.data) for i in serial]
 
 
 @pytest.mark.parametrize("size", [0, 15, 5000])
 def test_bad_synthetic_size_is_one_clear_error(tmp_path, size, capsys):
     from steps.extract import main
 
-    assert main(["--synthetic-size", str(size), "--image-store", str(tmp_path / "i"),
-                 "--metadata", str(tmp_path / "m.csv"), "--images-per-class", "1"]) == 2
+    assert (
+        main(
+            [
+                "--synthetic-size",
+                str(size),
+                "--image-store",
+                str(tmp_path / "i"),
+                "--metadata",
+                str(tmp_path / "m.csv"),
+                "--images-per-class",
+                "1",
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip()
     assert "synthetic_size must be" in error and error.count("\n") == 0
 

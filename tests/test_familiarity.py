@@ -1,4 +1,5 @@
 """Familiarity on known distributions: calibrated on validation, far points flagged, stored exactly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,7 @@ def test_far_points_are_unfamiliar_and_scores_fall_with_distance(fitted):
 
 def test_unfamiliar_is_exactly_beyond_the_threshold(fitted):
     points, _ = clusters(np.random.default_rng(3), 3000)
-    assert np.array_equal(fitted.unfamiliar(fitted.scores(points)),
-                          fitted.distances(points) * (1 - ROUNDING) > fitted.threshold)
+    assert np.array_equal(fitted.unfamiliar(fitted.scores(points)), fitted.distances(points) * (1 - ROUNDING) > fitted.threshold)
 
 
 def test_a_validation_image_scored_again_is_not_flagged_by_rounding(fitted):

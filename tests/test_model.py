@@ -1,4 +1,5 @@
 """The served model's contract (DESIGN.md), in Python and over `mlflow models serve`."""
+
 from __future__ import annotations
 
 import base64
@@ -20,8 +21,7 @@ def model(pipeline):
 
 @pytest.fixture(scope="module")
 def images(pipeline) -> dict[str, bytes]:
-    return {label: next(pipeline.image_store.glob(f"val/{label}/*.jpg")).read_bytes()
-            for label in ("cat", "dog", "wild")}
+    return {label: next(pipeline.image_store.glob(f"val/{label}/*.jpg")).read_bytes() for label in ("cat", "dog", "wild")}
 
 
 def b64(data: bytes) -> str:
@@ -102,11 +102,15 @@ def test_model_version_is_tagged(pipeline):
 @pytest.mark.parametrize("payload", ["split", "records"])
 def test_http_contract(scoring_server, images, payload):
     data = [b64(images["cat"]), "not base64!", b64(images["wild"])]
-    body = ({"dataframe_split": {"columns": ["image"], "data": [[d] for d in data]}} if payload == "split"
-            else {"dataframe_records": [{"image": d} for d in data]})
+    body = (
+        {"dataframe_split": {"columns": ["image"], "data": [[d] for d in data]}}
+        if payload == "split"
+        else {"dataframe_records": [{"image": d} for d in data]}
+    )
     body["params"] = {"k": 3, "threshold": 0.99}
-    response = requests.post(f"{scoring_server}/invocations", data=json.dumps(body),
-                             headers={"Content-Type": "application/json"}, timeout=60)
+    response = requests.post(
+        f"{scoring_server}/invocations", data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=60
+    )
     assert response.status_code == 200, response.text
     rows = response.json()["predictions"]
     assert len(rows) == 3 and set(rows[0]) == set(COLUMNS)
@@ -118,8 +122,9 @@ def test_http_contract(scoring_server, images, payload):
 
 
 def test_http_wrong_column_is_a_client_error(scoring_server):
-    response = requests.post(f"{scoring_server}/invocations",
-                             json={"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, timeout=60)
+    response = requests.post(
+        f"{scoring_server}/invocations", json={"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, timeout=60
+    )
     assert 400 <= response.status_code < 500
     assert requests.get(f"{scoring_server}/ping", timeout=5).ok  # and it keeps serving
 
@@ -146,7 +151,8 @@ def test_the_stored_calibration_decides_unfamiliar(pipeline, images, tmp_path):
     frame = pd.DataFrame({"image": [b64(images[label]) for label in ("cat", "dog", "wild")]})
     for scale, expected in ((1e-9, True), (1e9, False)):
         Familiarity(stored.means, stored.whitening, stored.reference * scale, stored.flag_share).save(
-            local / "artifacts" / "familiarity.npz")
+            local / "artifacts" / "familiarity.npz"
+        )
         out = mlflow.pyfunc.load_model(str(local)).predict(frame)
         assert out.unfamiliar.tolist() == [expected] * 3
 

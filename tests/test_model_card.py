@@ -1,5 +1,6 @@
 """The model card of a registered version: its facts are the run's metrics, it is the version's
 description and artifact, and the page shows it (footer, GET /api/model)."""
+
 from __future__ import annotations
 
 import mlflow
@@ -28,7 +29,8 @@ def test_card_facts_are_the_runs_metrics(pipeline, card):
     validation = card["validation"]
     assert validation["accuracy"] == pytest.approx(metrics["final_val_accuracy"])
     assert float(client.get_model_version("animal", pipeline.version).tags["val_accuracy"]) == pytest.approx(
-        validation["accuracy"], abs=5e-5)
+        validation["accuracy"], abs=5e-5
+    )
     labels = validation["confusion_matrix"]["labels"]
     assert labels == ["cat", "dog", "wild"]
     for label in labels:
@@ -38,8 +40,7 @@ def test_card_facts_are_the_runs_metrics(pipeline, card):
     assert sum(rows[i][i] for i in range(3)) / validation["images"] == pytest.approx(validation["accuracy"])
     assert card["familiarity"]["threshold"] == pytest.approx(metrics["familiarity_threshold"])
     assert card["familiarity"]["val_unfamiliar_share"] == pytest.approx(metrics["val_unfamiliar_share"])
-    assert {k: str(v) for k, v in card["hyperparameters"].items()} == {
-        k: params[k] for k in card["hyperparameters"]}
+    assert {k: str(v) for k, v in card["hyperparameters"].items()} == {k: params[k] for k in card["hyperparameters"]}
 
 
 def test_card_facts_are_the_catalogues(pipeline, card):
@@ -52,8 +53,7 @@ def test_card_facts_are_the_catalogues(pipeline, card):
     assert data["catalogue_sha256"] == content_hash == MlflowClient().get_run(pipeline.run_id).data.tags["catalogue_sha256"]
     assert data["image_size"] == 32 and data["source"] == "synthetic" and data["synthetic"]
     counts = frame.groupby(["split", "label"]).size()
-    assert data["images"] == {split: {label: int(counts[split, label]) for label in ("cat", "dog", "wild")}
-                              for split in ("train", "val")}
+    assert data["images"] == {split: {label: int(counts[split, label]) for label in ("cat", "dog", "wild")} for split in ("train", "val")}
     assert any("not for real photos" in limit for limit in card["limits"])
 
 
@@ -68,8 +68,7 @@ def test_the_version_carries_the_card(pipeline, card):
 
 
 def test_the_evaluation_is_mlflows_with_roc_and_calibration(pipeline, card):
-    runs = mlflow.search_runs(search_all_experiments=True,
-                              filter_string=f"tags.evaluated_model = 'models:/animal/{pipeline.version}'")
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.evaluated_model = 'models:/animal/{pipeline.version}'")
     assert not runs.empty
     run = MlflowClient().get_run(runs.run_id.iloc[0])
     assert run.data.metrics["accuracy_score"] == pytest.approx(card["validation"]["accuracy"])
@@ -84,7 +83,7 @@ def test_api_model_and_the_footer(pipeline, card, monkeypatch):
     response = client.get("/api/model")
     assert response.status_code == 200 and response.json == card
     page = client.get("/").get_data(as_text=True)  # the card is cached by now
-    footer = page[page.index("data-model-footer"):]
+    footer = page[page.index("data-model-footer") :]
     assert f"version <span data-model-version>{pipeline.version}</span>" in footer
     assert "trained on <span data-model-source>synthetic</span> drawings" in footer
     assert f"{card['validation']['accuracy'] * 100:.1f}%" in footer
@@ -100,11 +99,20 @@ def test_without_a_registry_the_page_still_works(tmp_path, monkeypatch):
 
 
 def test_a_model_trained_on_photos_does_not_say_it_is_not_for_photos():
-    frame = pd.DataFrame({"split": ["train", "val"] * 3, "label": ["cat", "cat", "dog", "dog", "wild", "wild"],
-                          "source": ["afhq"] * 6})
-    facts = model_card.training_facts(frame, ["cat", "dog", "wild"], "0" * 64, 224, 0.9,
-                                      {"cat": 1.0, "dog": 1.0, "wild": 0.7}, [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
-                                      12.5, 0.05, 0.05, {"backbone": "efficientnet_b0", "weights": "imagenet"})
+    frame = pd.DataFrame({"split": ["train", "val"] * 3, "label": ["cat", "cat", "dog", "dog", "wild", "wild"], "source": ["afhq"] * 6})
+    facts = model_card.training_facts(
+        frame,
+        ["cat", "dog", "wild"],
+        "0" * 64,
+        224,
+        0.9,
+        {"cat": 1.0, "dog": 1.0, "wild": 0.7},
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+        12.5,
+        0.05,
+        0.05,
+        {"backbone": "efficientnet_b0", "weights": "imagenet"},
+    )
     text = model_card.render(facts)
     assert "not for real photos" not in text and "afhq" in text
     assert "efficientnet_b0 backbone was pretrained (weights: imagenet)" in text

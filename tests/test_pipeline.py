@@ -1,4 +1,5 @@
 """The whole `main` entry point, as `mlflow run . --env-manager local` runs it, on tiny data."""
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,14 @@ from tests.conftest import ROOT, SHARED_SAMPLE, TINY, VENV_PATH
 
 
 def mlflow_run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", *args],
-                          cwd=cwd, env={**os.environ, "PATH": VENV_PATH}, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", *args],
+        cwd=cwd,
+        env={**os.environ, "PATH": VENV_PATH},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def params(**values) -> list[str]:
@@ -28,13 +34,14 @@ def params(**values) -> list[str]:
 def test_main_runs_every_step_and_promotes(tmp_path):
     result = mlflow_run(*params(data_dir=tmp_path / "data", db=tmp_path / "animal.db", **TINY))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = result.stdout[result.stdout.index("=== summary ==="):]
+    summary = result.stdout[result.stdout.index("=== summary ===") :]
     assert "validation acc." in summary and "model             animal version" in summary
     assert "mlflow models serve -m models:/animal@production" in summary
 
     client = MlflowClient()
-    runs = client.search_runs([mlflow.get_experiment_by_name("tests").experiment_id],
-                              order_by=["attributes.start_time DESC"], max_results=50)
+    runs = client.search_runs(
+        [mlflow.get_experiment_by_name("tests").experiment_id], order_by=["attributes.start_time DESC"], max_results=50
+    )
     parent = next(r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main")
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     children = {r.data.tags["mlflow.project.entryPoint"]: r for r in nested if "mlflow.project.entryPoint" in r.data.tags}
@@ -66,15 +73,19 @@ def test_main_runs_every_step_and_promotes(tmp_path):
     with sqlite3.connect(tmp_path / "animal.db") as conn:
         assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 3 * TINY["images_per_class"]
     production = client.get_model_version_by_alias("animal", "production")
-    assert float(production.tags["val_accuracy"]) >= max(
-        float(client.get_model_version("animal", v.version).tags["val_accuracy"])
-        for v in client.search_model_versions("name = 'animal'") if "val_accuracy" in v.tags
-        and v.tags.get("catalogue_sha256") == production.tags["catalogue_sha256"]) - 1e-9
+    assert (
+        float(production.tags["val_accuracy"])
+        >= max(
+            float(client.get_model_version("animal", v.version).tags["val_accuracy"])
+            for v in client.search_model_versions("name = 'animal'")
+            if "val_accuracy" in v.tags and v.tags.get("catalogue_sha256") == production.tags["catalogue_sha256"]
+        )
+        - 1e-9
+    )
 
 
 def test_a_bad_source_fails_with_one_clear_line(tmp_path):
-    result = mlflow_run("-e", "extract", *params(source=tmp_path / "nowhere", image_store=tmp_path / "i",
-                                                 metadata=tmp_path / "m.csv"))
+    result = mlflow_run("-e", "extract", *params(source=tmp_path / "nowhere", image_store=tmp_path / "i", metadata=tmp_path / "m.csv"))
     assert result.returncode != 0
     assert "extract: error: source not found" in result.stderr
 
@@ -90,5 +101,6 @@ def test_real_sample_through_extract_populate_and_train(tmp_path):
     assert report.inserted == 57
     _, accuracy, model_uri = train(tmp_path / "db", image_size=32, epochs=1)
     out = mlflow.pyfunc.load_model(model_uri).predict(
-        __import__("pandas").DataFrame({"image": [next(SHARED_SAMPLE.glob("val/dog/*.jpg")).read_bytes()]}))
+        __import__("pandas").DataFrame({"image": [next(SHARED_SAMPLE.glob("val/dog/*.jpg")).read_bytes()]})
+    )
     assert out.label[0] in ("cat", "dog", "wild") and out.error[0] is None and 0 <= accuracy <= 1

@@ -1,4 +1,5 @@
 """populate and the catalogue: idempotent upsert, rejected rows, store root, read-only access."""
+
 from __future__ import annotations
 
 import csv
@@ -62,14 +63,17 @@ def test_changed_metadata_updates_the_row(extracted):
     assert len(rows_of(db)) == 12
 
 
-@pytest.mark.parametrize("break_row, problem", [
-    (lambda r, store: (store / r["path"]).unlink(), "missing from the image store"),
-    (lambda r, store: (store / r["path"]).write_bytes(b"changed"), "differs from its sha256"),
-    (lambda r, store: r.update(path="../../etc/passwd"), "relative to the image store"),
-    (lambda r, store: r.update(path="/etc/passwd"), "relative to the image store"),
-    (lambda r, store: r.update(split="test"), "unknown split"),
-    (lambda r, store: r.update(sha256=""), "missing sha256"),
-])
+@pytest.mark.parametrize(
+    "break_row, problem",
+    [
+        (lambda r, store: (store / r["path"]).unlink(), "missing from the image store"),
+        (lambda r, store: (store / r["path"]).write_bytes(b"changed"), "differs from its sha256"),
+        (lambda r, store: r.update(path="../../etc/passwd"), "relative to the image store"),
+        (lambda r, store: r.update(path="/etc/passwd"), "relative to the image store"),
+        (lambda r, store: r.update(split="test"), "unknown split"),
+        (lambda r, store: r.update(sha256=""), "missing sha256"),
+    ],
+)
 def test_bad_rows_are_reported_not_inserted(extracted, break_row, problem):
     image_store, metadata, db = extracted
 
@@ -129,6 +133,7 @@ def test_missing_inputs_are_clear_errors(tmp_path):
 
 
 # --- at AFHQ's scale: streamed hashing, batched upserts, progress -----------------------------------
+
 
 @pytest.mark.parametrize("size", [0, 1, 1 << 16, 3 * (1 << 20) + 7])
 def test_streamed_hash_is_the_sha256_of_the_whole_file(tmp_path, size):

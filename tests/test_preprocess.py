@@ -1,4 +1,5 @@
 """The one preprocessing function: every format and mode the contract names, and clear errors."""
+
 from __future__ import annotations
 
 import base64
@@ -23,16 +24,20 @@ RED = Image.new("RGB", (80, 60), (220, 20, 20))
 NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("data", [
-    encode(RED, "JPEG"),
-    encode(RED, "PNG"),
-    encode(RED, "WEBP", lossless=True),
-    encode(RED, "BMP"),
-    encode(RED, "GIF"),
-    encode(RED.convert("CMYK"), "JPEG"),
-    encode(RED.convert("P"), "PNG"),
-    encode(RED.convert("RGBA"), "PNG"),
-], ids=["jpeg", "png", "webp", "bmp", "gif", "cmyk-jpeg", "palette", "rgba"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(RED, "JPEG"),
+        encode(RED, "PNG"),
+        encode(RED, "WEBP", lossless=True),
+        encode(RED, "BMP"),
+        encode(RED, "GIF"),
+        encode(RED.convert("CMYK"), "JPEG"),
+        encode(RED.convert("P"), "PNG"),
+        encode(RED.convert("RGBA"), "PNG"),
+    ],
+    ids=["jpeg", "png", "webp", "bmp", "gif", "cmyk-jpeg", "palette", "rgba"],
+)
 def test_every_format_becomes_the_same_rgb_array(data):
     array = load_image(data, 32)
     assert array.shape == (32, 32, 3) and array.dtype == np.uint8
@@ -79,6 +84,7 @@ def test_aspect_ratio_is_kept_by_centre_crop():
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims huge dimensions: decoding it would need gigabytes."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -92,13 +98,16 @@ def test_decompression_bomb_is_refused_before_decoding(side):
         load_image(png_header_only(side, side), 64)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty"),
-    (b"GIF89a but not really", "not an image"),
-    (b"%PDF-1.4 definitely not", "not an image"),
-    (encode(NOISE, "JPEG")[:-4000], "could not decode"),
-    (encode(RED, "TIFF"), "unsupported image format TIFF"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty"),
+        (b"GIF89a but not really", "not an image"),
+        (b"%PDF-1.4 definitely not", "not an image"),
+        (encode(NOISE, "JPEG")[:-4000], "could not decode"),
+        (encode(RED, "TIFF"), "unsupported image format TIFF"),
+    ],
+)
 def test_bad_bytes_raise_the_projects_error(data, message):
     with pytest.raises(ImageError, match=message):
         load_image(data, 32)

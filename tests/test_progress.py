@@ -1,4 +1,5 @@
 """steps.progress: a bar on a terminal, plain periodic lines in logs."""
+
 from __future__ import annotations
 
 import io

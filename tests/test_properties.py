@@ -5,6 +5,7 @@ The default profile is deterministic and quick (a few hundred examples per prope
 minute); `HYPOTHESIS_PROFILE=deep` runs thousands of random ones (a few minutes) when the
 preprocessing changes.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,10 +23,17 @@ from PIL import Image
 
 from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image
 
-settings.register_profile("default", max_examples=150, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("deep", max_examples=3000, deadline=None, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "default",
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "deep", max_examples=3000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 FORMATS = ["JPEG", "PNG", "GIF", "BMP", "WEBP"]
@@ -86,8 +94,12 @@ def test_every_valid_image_is_answered(data, size):
     np.testing.assert_array_equal(preprocess("data:image/x;base64," + text, size), preprocess(data, size))
 
 
-@given(valid_images(), st.lists(st.tuples(st.integers(0, 2**20), st.integers(0, 255)), min_size=1, max_size=12),
-       st.sampled_from(["flip", "truncate", "insert", "delete"]), sizes)
+@given(
+    valid_images(),
+    st.lists(st.tuples(st.integers(0, 2**20), st.integers(0, 255)), min_size=1, max_size=12),
+    st.sampled_from(["flip", "truncate", "insert", "delete"]),
+    sizes,
+)
 def test_mutated_images(data, edits, how, size):
     damaged = bytearray(data)
     for position, value in edits:
@@ -95,7 +107,7 @@ def test_mutated_images(data, edits, how, size):
         if how == "flip":
             damaged[index] = value
         elif how == "truncate":
-            del damaged[max(1, index):]
+            del damaged[max(1, index) :]
         elif how == "insert":
             damaged.insert(index, value)
         elif len(damaged) > 1:
@@ -107,16 +119,22 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-@given(st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1), st.sampled_from([1, 2, 4, 8, 16]),
-       st.sampled_from([0, 2, 3, 4, 6]), st.integers(0, 1), st.binary(max_size=512), sizes)
+@given(
+    st.integers(1, 2**31 - 1),
+    st.integers(1, 2**31 - 1),
+    st.sampled_from([1, 2, 4, 8, 16]),
+    st.sampled_from([0, 2, 3, 4, 6]),
+    st.integers(0, 1),
+    st.binary(max_size=512),
+    sizes,
+)
 def test_well_formed_png_headers_of_any_size(width, height, depth, colour, interlace, body, size):
     """Valid chunks (right CRCs) with any dimensions, bit depth and colour type: past the pixel limit
     it is refused from the header ("too large", or "not an image" for a combination PNG does not
     allow), never decoded; below it, an array or an ImageError."""
     header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
     palette = png_chunk(b"PLTE", bytes(range(48))) if colour == 3 else b""
-    data = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + palette + png_chunk(b"IDAT", zlib.compress(body))
-            + png_chunk(b"IEND", b""))
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + palette + png_chunk(b"IDAT", zlib.compress(body)) + png_chunk(b"IEND", b"")
     if width * height > MAX_PIXELS:
         with pytest.raises(ImageError, match="too large|not an image"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's own warning past 89 MP; we refuse earlier anyway

@@ -2,6 +2,7 @@
 
 The validation split is made unbalanced (2 cats, 1 dog, 1 wild), so a model that always says
 "cat" scores 0.5 and one that always says "dog" scores 0.25: no luck involved."""
+
 from __future__ import annotations
 
 import csv
@@ -136,7 +137,10 @@ def test_rollback_forced_then_restored_and_the_tags_tell_the_story(unbalanced_db
 
     history = client.get_registered_model("animal").tags["production_history"].splitlines()
     assert [line.split(" ", 1)[1].split(":", 1)[0] for line in history] == [
-        "version 1 replaced none", "version 2 replaced 1", "version 1 replaced 2"]
+        "version 1 replaced none",
+        "version 2 replaced 1",
+        "version 1 replaced 2",
+    ]
     assert "forced" in history[1]
 
 
@@ -150,7 +154,7 @@ def test_promote_cli_says_in_one_line_what_is_wrong(unbalanced_db, own_registry,
     assert main(["--version", "7", "--db", str(unbalanced_db)]) == 2
     assert capsys.readouterr().err.strip() == "promote: error: animal has no version '7' (versions: 1)"
     assert main(["--version", "1", "--name", "it's", "--db", str(unbalanced_db)]) == 2
-    assert capsys.readouterr().err.strip() == "promote: error: there is no registered model named \"it's\""
+    assert capsys.readouterr().err.strip() == 'promote: error: there is no registered model named "it\'s"'
     assert main(["--version", "1", "--db", str(unbalanced_db)]) == 0
     assert "already Production" in capsys.readouterr().out
 

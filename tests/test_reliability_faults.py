@@ -4,6 +4,7 @@ lost, nothing is reached that should not be, and everything recovers.
 
 test_extract.py and test_populate.py cover the plain cases (empty folder, wrong layout, a bad file
 among good ones in a folder, re-runs, a missing file); this file adds the rest."""
+
 from __future__ import annotations
 
 import hashlib
@@ -51,11 +52,16 @@ def read_rows(db: Path) -> list[tuple]:
 
 # --- extract ------------------------------------------------------------------------------------
 
+
 def zip_with_corrupt_entries(path: Path, corrupt: set[str]) -> None:
     """A .zip of good JPEGs in the AFHQ layout, some of whose entries are damaged inside the archive
     (a flipped byte in the stored data: a bad CRC when read)."""
-    entries = {f"afhq/{split}/{label}/img_{n}.jpg": jpeg((60 * i, 30 * n, 90 + 40 * (split == "val")))
-               for split in ("train", "val") for i, label in enumerate(("cat", "dog", "wild")) for n in range(2)}
+    entries = {
+        f"afhq/{split}/{label}/img_{n}.jpg": jpeg((60 * i, 30 * n, 90 + 40 * (split == "val")))
+        for split in ("train", "val")
+        for i, label in enumerate(("cat", "dog", "wild"))
+        for n in range(2)
+    }
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         for name, data in entries.items():
             archive.writestr(name, data)
@@ -100,10 +106,18 @@ def test_truncated_zip_archive_is_one_clear_error(tmp_path):
 
 
 def test_hostile_names_in_a_zip_stay_in_the_store_and_are_data(tmp_path):
-    names = ["train/cat/..\\..\\..\\evil.jpg", "train/cat/a\\..\\..\\evil.jpg", "/train/dog/absolute.jpg",
-             "train/cat/../../../../escape.jpg",
-             "train/wild/it's \"quoted\"; DROP TABLE images;--.jpg", "val/cat/%2e%2e%2fencoded.jpg",
-             "val/dog/\u00e9t\u00e9 \U0001f431.JPG", "val/wild/plain.jpg", "train/cat/..", "train/cat/.hidden.jpg"]
+    names = [
+        "train/cat/..\\..\\..\\evil.jpg",
+        "train/cat/a\\..\\..\\evil.jpg",
+        "/train/dog/absolute.jpg",
+        "train/cat/../../../../escape.jpg",
+        'train/wild/it\'s "quoted"; DROP TABLE images;--.jpg',
+        "val/cat/%2e%2e%2fencoded.jpg",
+        "val/dog/\u00e9t\u00e9 \U0001f431.JPG",
+        "val/wild/plain.jpg",
+        "train/cat/..",
+        "train/cat/.hidden.jpg",
+    ]
     archive = tmp_path / "hostile.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for n, name in enumerate(names):
@@ -112,7 +126,8 @@ def test_hostile_names_in_a_zip_stay_in_the_store_and_are_data(tmp_path):
     report = extract(str(archive), store, tmp_path / "meta.csv")
     files = [f for f in tmp_path.rglob("*") if f.is_file()]
     assert {f.parent.resolve() for f in files if f.suffix.lower() == ".jpg"} <= {
-        (store / s / label).resolve() for s in ("train", "val") for label in ("cat", "dog", "wild")}
+        (store / s / label).resolve() for s in ("train", "val") for label in ("cat", "dog", "wild")
+    }
     # outside the layout: '../../../..' (too deep), and names starting with a dot ('..', '..\\..', '.hidden')
     assert report.written == 6 and report.ignored == 4
     populated = populate(tmp_path / "meta.csv", store, tmp_path / "c.db")
@@ -120,8 +135,7 @@ def test_hostile_names_in_a_zip_stay_in_the_store_and_are_data(tmp_path):
     conn = catalogue.connect(tmp_path / "c.db", readonly=True)
     try:
         paths = catalogue.images(conn).path.tolist()
-        assert len(paths) == 6 and all(set(p) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-")
-                                       for p in paths)
+        assert len(paths) == 6 and all(set(p) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-") for p in paths)
         for image_id in catalogue.images(conn).id:
             assert catalogue.image_file(conn, int(image_id)).is_relative_to(store.resolve())
     finally:
@@ -129,6 +143,7 @@ def test_hostile_names_in_a_zip_stay_in_the_store_and_are_data(tmp_path):
 
 
 # --- populate -----------------------------------------------------------------------------------
+
 
 def test_the_same_photo_under_two_names_is_one_row_and_reruns_change_nothing(tmp_path):
     for split, colour in (("train", (200, 10, 10)), ("val", (10, 10, 200))):
@@ -166,6 +181,7 @@ def test_a_row_with_a_bad_number_is_reported_not_fatal(pipeline, tmp_path, colum
 
 # --- a training run killed midway ---------------------------------------------------------------
 
+
 def test_training_killed_midway_leaves_the_registry_alone_and_reruns(pipeline, tmp_path):
     """`python -m steps.train` with its own tracking store, which already has a Production model, is
     killed with SIGKILL while fitting: same versions, same stage, same alias; a re-run completes."""
@@ -183,13 +199,33 @@ def test_training_killed_midway_leaves_the_registry_alone_and_reruns(pipeline, t
         return versions, client.get_model_version_by_alias("animal", "production").version
 
     before, catalogue_bytes = registry(), pipeline.db.read_bytes()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_EXPERIMENT_ID": experiment,
-           "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_EXPERIMENT_ID": experiment, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_RUN_ID", None)
-    command = [sys.executable, "-m", "steps.train", "--db", str(pipeline.db), "--image-size", "16",
-               "--conv-blocks", "1", "--filters", "4", "--dense-units", "8", "--batch-size", "8"]
-    process = subprocess.Popen(command + ["--epochs", "1000", "--patience", "1000"], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "steps.train",
+        "--db",
+        str(pipeline.db),
+        "--image-size",
+        "16",
+        "--conv-blocks",
+        "1",
+        "--filters",
+        "4",
+        "--dense-units",
+        "8",
+        "--batch-size",
+        "8",
+    ]
+    process = subprocess.Popen(
+        command + ["--epochs", "1000", "--patience", "1000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     fitting = threading.Event()
     output: list[str] = []
 
@@ -213,8 +249,7 @@ def test_training_killed_midway_leaves_the_registry_alone_and_reruns(pipeline, t
     assert killed.info.status == "RUNNING" and "model_uri" not in killed.data.tags  # no model logged
     assert "loss" in killed.data.metrics  # it was killed while fitting, after epochs had been logged
 
-    rerun = subprocess.run(command + ["--epochs", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(command + ["--epochs", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "validation accuracy" in rerun.stdout
     finished = [r for r in client.search_runs([experiment]) if r.info.status == "FINISHED"]
@@ -223,6 +258,7 @@ def test_training_killed_midway_leaves_the_registry_alone_and_reruns(pipeline, t
 
 
 # --- a live page (a real HTTP server on loopback) -----------------------------------------------
+
 
 @contextmanager
 def live_page(config: dict):
@@ -249,17 +285,33 @@ def raw_request(base: str, request: bytes, timeout: float = 30) -> tuple[int, by
 
 @pytest.fixture(scope="module")
 def page_url(pipeline):
-    with live_page({"ANIMAL_DB": str(pipeline.db), "IMAGE_STORE": str(pipeline.image_store),
-                    "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations"}) as url:
+    with live_page(
+        {
+            "ANIMAL_DB": str(pipeline.db),
+            "IMAGE_STORE": str(pipeline.image_store),
+            "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations",
+        }
+    ) as url:
         yield url
 
 
-@pytest.mark.parametrize("target", [
-    "/images/../../etc/passwd", "/images/..%2f..%2fetc%2fpasswd", "/images/%2e%2e/%2e%2e/etc/passwd",
-    "/images/1/../../../../etc/passwd", "/static/../../../../../etc/passwd", "/static/..%2f..%2f..%2fetc%2fpasswd",
-    "/static/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/../../../../etc/passwd", "//etc/passwd",
-    "/images/99999999999999999999", "/static/../web/app.py", "/static/..%2fapp.py",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/images/../../etc/passwd",
+        "/images/..%2f..%2fetc%2fpasswd",
+        "/images/%2e%2e/%2e%2e/etc/passwd",
+        "/images/1/../../../../etc/passwd",
+        "/static/../../../../../etc/passwd",
+        "/static/..%2f..%2f..%2fetc%2fpasswd",
+        "/static/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/../../../../etc/passwd",
+        "//etc/passwd",
+        "/images/99999999999999999999",
+        "/static/../web/app.py",
+        "/static/..%2fapp.py",
+    ],
+)
 def test_traversal_on_the_wire_reaches_nothing(page_url, target):
     status, answer = raw_request(page_url, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     assert status in (400, 404), answer[:300]
@@ -270,12 +322,19 @@ def test_chunked_upload_over_the_limit_is_413_and_under_it_is_answered(pipeline,
     photo = next(pipeline.image_store.glob("val/dog/*.jpg")).read_bytes()
 
     def chunked(path: str, payload: bytes) -> bytes:
-        body = (b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
-                b"Content-Type: image/jpeg\r\n\r\n" + payload + b"\r\n--B--\r\n")
-        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
-                          for i in range(0, len(body), 65536))
-        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n"
-                "Content-Type: multipart/form-data; boundary=B\r\n\r\n").encode() + chunks + b"0\r\n\r\n"
+        body = (
+            b'--B\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + payload + b"\r\n--B--\r\n"
+        )
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 65536]), body[i : i + 65536]) for i in range(0, len(body), 65536))
+        return (
+            (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n"
+                "Content-Type: multipart/form-data; boundary=B\r\n\r\n"
+            ).encode()
+            + chunks
+            + b"0\r\n\r\n"
+        )
 
     config = {"ANIMAL_DB": str(pipeline.db), "SCORING_URL": f"{scoring_server}/invocations", "MAX_UPLOAD_MB": 1}
     with live_page(config) as url:
@@ -306,8 +365,7 @@ def test_tampered_rows_and_symlinks_never_leave_the_store(tmp_path):
     link = image_store / "train" / "cat" / "link.jpg"
     link.symlink_to(secret)
     with sqlite3.connect(db) as conn:
-        for image_id, path in ((1, "../secret.txt"), (2, str(secret)), (3, "train/cat/link.jpg"),
-                               (4, "train/../../secret.txt")):
+        for image_id, path in ((1, "../secret.txt"), (2, str(secret)), (3, "train/cat/link.jpg"), (4, "train/../../secret.txt")):
             conn.execute("UPDATE images SET path = ? WHERE id = ?", (path, image_id))
     client = create_app({"ANIMAL_DB": str(db), "IMAGE_STORE": str(image_store)}).test_client()
     for image_id in (1, 2, 3, 4):
@@ -317,6 +375,7 @@ def test_tampered_rows_and_symlinks_never_leave_the_store(tmp_path):
 
 
 # --- the catalogue written while the page reads it ----------------------------------------------
+
 
 def test_reads_succeed_while_the_catalogue_is_written(pipeline, tmp_path):
     """A writer re-runs populate, adds rows and holds one long write transaction (a big import)
@@ -342,9 +401,20 @@ def test_reads_succeed_while_the_catalogue_is_written(pipeline, tmp_path):
                 populate(pipeline.metadata, pipeline.image_store, db)  # a re-run: changes nothing
                 conn = catalogue.connect(db)
                 try:
-                    rows = [{"sha256": hashlib.sha256(rng.randbytes(16)).hexdigest(), "path": f"train/cat/new_{round_}_{i}.jpg",
-                             "split": "train", "label": "cat", "width": 64, "height": 64, "bytes": len(some_file),
-                             "source": "concurrent", "attributes": {}} for i in range(200)]
+                    rows = [
+                        {
+                            "sha256": hashlib.sha256(rng.randbytes(16)).hexdigest(),
+                            "path": f"train/cat/new_{round_}_{i}.jpg",
+                            "split": "train",
+                            "label": "cat",
+                            "width": 64,
+                            "height": 64,
+                            "bytes": len(some_file),
+                            "source": "concurrent",
+                            "attributes": {},
+                        }
+                        for i in range(200)
+                    ]
                     catalogue.upsert_images(conn, rows)
                     if round_ == 1:  # one import that holds its write lock for longer than a reader waits
                         conn.isolation_level = None
@@ -374,8 +444,9 @@ def test_reads_succeed_while_the_catalogue_is_written(pipeline, tmp_path):
                 if response.status_code != 200 or response.content != expected[image_id]:
                     failures.append(f"/images/{image_id}: HTTP {response.status_code}")
 
-    with live_page({"ANIMAL_DB": str(db), "IMAGE_STORE": str(pipeline.image_store),
-                    "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations"}) as url:
+    with live_page(
+        {"ANIMAL_DB": str(db), "IMAGE_STORE": str(pipeline.image_store), "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations"}
+    ) as url:
         threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(n,)) for n in range(8)]
         for thread in threads:
             thread.start()
@@ -389,8 +460,14 @@ def test_reads_succeed_while_the_catalogue_is_written(pipeline, tmp_path):
 
 # --- the scoring server down, slow or broken ----------------------------------------------------
 
-ROW = {"label": "cat", "confidence": 0.9, "probabilities": {"cat": 0.9, "dog": 0.05, "wild": 0.05},
-       "uncertain": False, "similar": [], "error": None}
+ROW = {
+    "label": "cat",
+    "confidence": 0.9,
+    "probabilities": {"cat": 0.9, "dog": 0.05, "wild": 0.05},
+    "uncertain": False,
+    "similar": [],
+    "error": None,
+}
 
 
 class FakeScoring(http.server.ThreadingHTTPServer):
@@ -436,14 +513,14 @@ class FakeScoring(http.server.ThreadingHTTPServer):
 
 def test_scoring_server_down_slow_or_broken_is_503_and_the_page_recovers(pipeline):
     port = free_port()
-    client = create_app({"SCORING_URL": f"http://127.0.0.1:{port}/invocations", "ANIMAL_DB": str(pipeline.db),
-                         "SCORING_TIMEOUT": 1}).test_client()
+    client = create_app(
+        {"SCORING_URL": f"http://127.0.0.1:{port}/invocations", "ANIMAL_DB": str(pipeline.db), "SCORING_TIMEOUT": 1}
+    ).test_client()
     photo = next(pipeline.image_store.glob("val/cat/*.jpg")).read_bytes()
 
     def ask():
         started = time.monotonic()
-        response = client.post("/api/predict", data={"image": (io.BytesIO(photo), "a.jpg")},
-                               content_type="multipart/form-data")
+        response = client.post("/api/predict", data={"image": (io.BytesIO(photo), "a.jpg")}, content_type="multipart/form-data")
         return response.status_code, response.json, time.monotonic() - started
 
     fake = FakeScoring(port)

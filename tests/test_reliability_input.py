@@ -6,6 +6,7 @@ test_preprocess.py checks the decoding of each odd format on its own; here the s
 through the whole served path. The web tests with header-only bombs, missing fields and URL
 tricks are in test_web.py; this file adds what they do not reach.
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,6 +37,7 @@ ORIENTATION = 0x0112
 
 # --- the files ----------------------------------------------------------------------------------
 
+
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
@@ -59,8 +61,7 @@ def bomb(side: int = 7000) -> bytes:
 def header_only_png(width: int, height: int) -> bytes:
     """A PNG that claims width x height but holds almost nothing (past Pillow's limit too)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + png_chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b"")
 
 
 def truncated_jpeg() -> bytes:
@@ -124,9 +125,20 @@ def cases(photo) -> dict[str, Case]:
     }
 
 
-CASE_NAMES = ["empty", "not an image", "truncated jpeg", "tiff", "bomb 7000x7000", "bomb 100000x100000",
-              "one pixel", "16-bit png", "cmyk jpeg", "palette with transparency", "animated gif",
-              "exif-rotated jpeg"]
+CASE_NAMES = [
+    "empty",
+    "not an image",
+    "truncated jpeg",
+    "tiff",
+    "bomb 7000x7000",
+    "bomb 100000x100000",
+    "one pixel",
+    "16-bit png",
+    "cmyk jpeg",
+    "palette with transparency",
+    "animated gif",
+    "exif-rotated jpeg",
+]
 
 
 def b64(data: bytes) -> str:
@@ -145,6 +157,7 @@ def check_row(row: dict, expected_error: str | None) -> None:
 
 
 # --- the model, in Python -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def model(pipeline):
@@ -169,8 +182,9 @@ def forward_calls(model, monkeypatch) -> list[np.ndarray]:
 def test_model_answers_every_row_of_a_mixed_batch(model, cases, photo):
     """All the bad and odd files in one frame, raw and base64, among good photos: one row each, in order."""
     names = CASE_NAMES
-    frame = pd.DataFrame({"image": [photo] + [cases[n].data for n in names] + [b64(cases[n].data) for n in names]
-                          + ["%%% not base64 %%%", None, 42]})
+    frame = pd.DataFrame(
+        {"image": [photo] + [cases[n].data for n in names] + [b64(cases[n].data) for n in names] + ["%%% not base64 %%%", None, 42]}
+    )
     rows = model.predict(frame).to_dict("records")
     assert len(rows) == 1 + 2 * len(names) + 3
     check_row(rows[0], None)
@@ -264,10 +278,10 @@ def test_served_model_refuses_requests_too_big_for_its_timeout_up_front(model, f
 
 # --- the real scoring server, over HTTP ---------------------------------------------------------
 
+
 def invoke(server: str, body, timeout: float = 60) -> requests.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(f"{server}/invocations", data=data, headers={"Content-Type": "application/json"},
-                         timeout=timeout)
+    return requests.post(f"{server}/invocations", data=data, headers={"Content-Type": "application/json"}, timeout=timeout)
 
 
 def assert_still_serving(server: str) -> None:
@@ -311,8 +325,7 @@ def test_scoring_server_answers_1000_rows(scoring_server, pipeline):
     values = [photos[i % len(photos)] for i in range(1000)]
     values[500] = b64(b"not an image")
     started = time.monotonic()
-    response = invoke(scoring_server, {"dataframe_records": [{"image": v} for v in values], "params": {"k": 1}},
-                      timeout=120)
+    response = invoke(scoring_server, {"dataframe_records": [{"image": v} for v in values], "params": {"k": 1}}, timeout=120)
     assert response.status_code == 200, response.text[:500]
     rows = response.json()["predictions"]
     assert len(rows) == 1000 and time.monotonic() - started < 120
@@ -334,23 +347,27 @@ def test_mlflows_own_error_answers_are_as_documented(scoring_server):
     it cannot parse gets a `stack_trace` with its installation paths, a JSON body nested 100,000
     deep a bare 500. If MLflow changes this, the docs change with it. The page never forwards a
     body (test_reliability_probe.py)."""
-    csv = requests.post(f"{scoring_server}/invocations", data=b'image\n"unterminated,\x00\n1,2,3\n',
-                        headers={"Content-Type": "text/csv"}, timeout=60)
+    csv = requests.post(
+        f"{scoring_server}/invocations", data=b'image\n"unterminated,\x00\n1,2,3\n', headers={"Content-Type": "text/csv"}, timeout=60
+    )
     assert csv.status_code == 400 and "stack_trace" in csv.json()
     deep = invoke(scoring_server, b"[" * 100_000 + b"]" * 100_000)
     assert deep.status_code == 500
     assert_still_serving(scoring_server)
 
 
-@pytest.mark.parametrize("body, status", [
-    (b"this is not json", 400),
-    ({"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, 400),  # wrong column name
-    ({"dataframe_records": [{"photo": "x"}]}, 400),
-    ({"dataframe_split": {"columns": ["image"], "data": [["x"]]}, "params": {"k": "many"}}, 400),
-    ({"dataframe_split": {"columns": ["image"], "data": [["x"]]}, "params": {"k": 10**6}}, 400),
-    ({"dataframe_split": {"columns": ["image"], "data": [["x"]]}, "params": {"threshold": 7}}, 400),
-], ids=["not json", "wrong column", "wrong record key", "k not a number", "k too big",
-        "threshold out of range"])
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b"this is not json", 400),
+        ({"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, 400),  # wrong column name
+        ({"dataframe_records": [{"photo": "x"}]}, 400),
+        ({"dataframe_split": {"columns": ["image"], "data": [["x"]]}, "params": {"k": "many"}}, 400),
+        ({"dataframe_split": {"columns": ["image"], "data": [["x"]]}, "params": {"k": 10**6}}, 400),
+        ({"dataframe_split": {"columns": ["image"], "data": [["x"]]}, "params": {"threshold": 7}}, 400),
+    ],
+    ids=["not json", "wrong column", "wrong record key", "k not a number", "k too big", "threshold out of range"],
+)
 def test_scoring_server_refuses_bad_requests_and_keeps_serving(scoring_server, body, status):
     response = invoke(scoring_server, body)
     assert response.status_code == status, response.text
@@ -361,10 +378,12 @@ def test_scoring_server_refuses_bad_requests_and_keeps_serving(scoring_server, b
 
 # --- the page -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def client(pipeline, scoring_server):
-    return create_app({"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db),
-                       "IMAGE_STORE": str(pipeline.image_store)}).test_client()
+    return create_app(
+        {"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db), "IMAGE_STORE": str(pipeline.image_store)}
+    ).test_client()
 
 
 def upload(client, path: str, data: bytes, filename: str = "face.jpg"):
@@ -396,10 +415,19 @@ def test_page_gives_the_upright_answer_for_an_exif_rotated_photo(client, photo):
     assert straight == rotated and straight["error"] is None
 
 
-@pytest.mark.parametrize("filename", [
-    "../../etc/passwd", "..\\..\\windows\\win.ini", "/etc/shadow", "it's \"quoted\".jpg",
-    "x'; DROP TABLE images;--.jpg", "<script>alert(1)</script>.jpg", "a%00b.jpg", "",
-])
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "../../etc/passwd",
+        "..\\..\\windows\\win.ini",
+        "/etc/shadow",
+        'it\'s "quoted".jpg',
+        "x'; DROP TABLE images;--.jpg",
+        "<script>alert(1)</script>.jpg",
+        "a%00b.jpg",
+        "",
+    ],
+)
 def test_hostile_upload_filenames_are_only_shown_escaped(client, photo, pipeline, filename):
     from markupsafe import escape
 
@@ -434,8 +462,7 @@ def test_upload_field_without_a_file(client, path):
 
 
 def test_upload_limit_counts_the_whole_request(pipeline, scoring_server, photo):
-    client = create_app({"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db),
-                         "MAX_UPLOAD_MB": 1}).test_client()
+    client = create_app({"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db), "MAX_UPLOAD_MB": 1}).test_client()
     just_under = photo + bytes(1024 * 1024 - len(photo) - 4096)  # a JPEG with trailing bytes: still fine
     assert upload(client, "/api/predict", just_under).status_code == 200
     over = photo + bytes(1024 * 1024)
@@ -443,8 +470,9 @@ def test_upload_limit_counts_the_whole_request(pipeline, scoring_server, photo):
     assert response.status_code == 413 and "limited to 1 MB" in response.json["error"]
 
 
-@pytest.mark.parametrize("path", ["/images/99999999999999999999", "/images/9223372036854775808",
-                                  "/images/999999999", "/images/abc", "/images/../../etc/passwd"])
+@pytest.mark.parametrize(
+    "path", ["/images/99999999999999999999", "/images/9223372036854775808", "/images/999999999", "/images/abc", "/images/../../etc/passwd"]
+)
 def test_image_ids_out_of_range_are_404(client, path):
     response = client.get(path)
     assert response.status_code == 404, response.get_data(as_text=True)

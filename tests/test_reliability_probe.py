@@ -4,6 +4,7 @@ under the repository's gunicorn configuration, gunicorn's own error pages, and t
 image costs to decode.
 
 No scoring model is needed here: a fake scoring server stands in for `mlflow models serve`."""
+
 from __future__ import annotations
 
 import http.client
@@ -29,9 +30,14 @@ from web.app import create_app
 from web.security import SECURITY_HEADERS
 from web.serve import page_server
 
-ROW = {"label": "cat", "confidence": 0.9, "probabilities": {"cat": 0.9, "dog": 0.05, "wild": 0.05},
-       "uncertain": False, "similar": [{"id": 1, "path": "train/cat/a.jpg", "label": "cat", "score": 0.8}],
-       "error": None}
+ROW = {
+    "label": "cat",
+    "confidence": 0.9,
+    "probabilities": {"cat": 0.9, "dog": 0.05, "wild": 0.05},
+    "uncertain": False,
+    "similar": [{"id": 1, "path": "train/cat/a.jpg", "label": "cat", "score": 0.8}],
+    "error": None,
+}
 
 
 def png(colour=(200, 30, 30), size=(24, 24)) -> bytes:
@@ -52,6 +58,7 @@ def upload(client, path: str, data: bytes):
 
 # --- 1, 2: a tampered catalogue -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tampered(tmp_path_factory):
     """A catalogue copy whose settings name /etc as the image store and whose rows are every odd
@@ -71,14 +78,26 @@ def tampered(tmp_path_factory):
     (cats / "empty.jpg").write_bytes(b"")
     (cats / "really_a_png.jpg").write_bytes(png())
     odd = {
-        "etc passwd": "passwd", "dot-dot": "../secret.txt", "deep dot-dot": "train/../../secret.txt",
-        "absolute": str(secret), "absolute /etc": "/etc/passwd", "backslashes": "train\\..\\..\\secret.txt",
-        "NUL": "train/cat/a\x00.jpg", "long name": "train/cat/" + "a" * 300 + ".jpg",
-        "long path": "train/" + "d/" * 3000 + "x.jpg", "symlink out": "train/cat/outside.jpg",
-        "symlink loop": "train/cat/loop_a.jpg", "directory": "train/cat", "empty path": "",
-        "FIFO": "train/cat/fifo.jpg", "html": "train/cat/page.html", "svg": "train/cat/picture.svg",
-        "empty file": "train/cat/empty.jpg", "missing file": "train/cat/nothing.jpg",
-        "BLOB": sqlite3.Binary(b"train/cat/inside.jpg"), "integer": 12345,
+        "etc passwd": "passwd",
+        "dot-dot": "../secret.txt",
+        "deep dot-dot": "train/../../secret.txt",
+        "absolute": str(secret),
+        "absolute /etc": "/etc/passwd",
+        "backslashes": "train\\..\\..\\secret.txt",
+        "NUL": "train/cat/a\x00.jpg",
+        "long name": "train/cat/" + "a" * 300 + ".jpg",
+        "long path": "train/" + "d/" * 3000 + "x.jpg",
+        "symlink out": "train/cat/outside.jpg",
+        "symlink loop": "train/cat/loop_a.jpg",
+        "directory": "train/cat",
+        "empty path": "",
+        "FIFO": "train/cat/fifo.jpg",
+        "html": "train/cat/page.html",
+        "svg": "train/cat/picture.svg",
+        "empty file": "train/cat/empty.jpg",
+        "missing file": "train/cat/nothing.jpg",
+        "BLOB": sqlite3.Binary(b"train/cat/inside.jpg"),
+        "integer": 12345,
         "not UTF-8": None,  # set below: TEXT holding bytes that are not UTF-8
     }
     good = {"inside link": "train/cat/inside.jpg", "PNG named .jpg": "train/cat/really_a_png.jpg"}
@@ -89,12 +108,14 @@ def tampered(tmp_path_factory):
         for n, (name, path) in enumerate({**odd, **good}.items()):
             cursor = conn.execute(
                 "INSERT INTO images (sha256, path, split, label, width, height, bytes, source) "
-                "VALUES (?, ?, 'train', 'cat', 8, 8, 1, 'probe')", (f"{n:064d}", path if path is not None else "x"))
+                "VALUES (?, ?, 'train', 'cat', 8, 8, 1, 'probe')",
+                (f"{n:064d}", path if path is not None else "x"),
+            )
             ids[name] = cursor.lastrowid
-        conn.execute("UPDATE images SET path = CAST(X'747261696eff2f612e6a7067' AS TEXT) WHERE id = ?",
-                     (ids["not UTF-8"],))
-    client = create_app({"ANIMAL_DB": str(db), "IMAGE_STORE": str(store),
-                         "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations"}).test_client()
+        conn.execute("UPDATE images SET path = CAST(X'747261696eff2f612e6a7067' AS TEXT) WHERE id = ?", (ids["not UTF-8"],))
+    client = create_app(
+        {"ANIMAL_DB": str(db), "IMAGE_STORE": str(store), "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations"}
+    ).test_client()
     return client, ids, {name: ids[name] for name in good}, store, db
 
 
@@ -105,9 +126,27 @@ def test_the_catalogue_cannot_move_the_image_store(tampered):
         assert response.status_code == 404 and b"root:" not in response.data
 
 
-ODD_ROWS = ["dot-dot", "deep dot-dot", "absolute", "backslashes", "NUL", "long name", "long path", "symlink out",
-            "symlink loop", "directory", "empty path", "FIFO", "html", "svg", "empty file", "missing file", "BLOB",
-            "integer", "not UTF-8"]
+ODD_ROWS = [
+    "dot-dot",
+    "deep dot-dot",
+    "absolute",
+    "backslashes",
+    "NUL",
+    "long name",
+    "long path",
+    "symlink out",
+    "symlink loop",
+    "directory",
+    "empty path",
+    "FIFO",
+    "html",
+    "svg",
+    "empty file",
+    "missing file",
+    "BLOB",
+    "integer",
+    "not UTF-8",
+]
 
 
 @pytest.mark.parametrize("name", ODD_ROWS)
@@ -148,6 +187,7 @@ def test_a_blob_store_root_changes_nothing(tampered, tmp_path):
 
 # --- 4, 5: a scoring server that answers wrong, or trickles ---------------------------------------
 
+
 class FakeScoring(http.server.ThreadingHTTPServer):
     """A stand-in for `mlflow models serve` that sends exactly the bytes we set, at the pace we set."""
 
@@ -186,8 +226,9 @@ class FakeScoring(http.server.ThreadingHTTPServer):
         if isinstance(body, dict):
             body = json.dumps(body)
         body = body.encode() if isinstance(body, str) else body
-        self.raw = (f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n").encode() + body
+        self.raw = (
+            f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
         self.pause = pause
 
 
@@ -201,8 +242,9 @@ def fake():
 
 @pytest.fixture(scope="module")
 def fake_client(fake, tmp_path_factory):
-    return create_app({"SCORING_URL": f"{fake.url}/invocations", "SCORING_TIMEOUT": 1,
-                       "ANIMAL_DB": str(tmp_path_factory.mktemp("none") / "none.db")}).test_client()
+    return create_app(
+        {"SCORING_URL": f"{fake.url}/invocations", "SCORING_TIMEOUT": 1, "ANIMAL_DB": str(tmp_path_factory.mktemp("none") / "none.db")}
+    ).test_client()
 
 
 def row(**changes) -> dict:
@@ -219,7 +261,7 @@ WRONG = {
     "confidence text": row(confidence="high"),
     "confidence over 1": row(confidence=1.5),
     "confidence NaN": '{"predictions": [{"label": "cat", "confidence": NaN, "probabilities": {"cat": 1.0}, '
-                      '"uncertain": false, "similar": [], "error": null}]}',
+    '"uncertain": false, "similar": [], "error": null}]}',
     "confidence true": row(confidence=True),
     "label not a label": row(label="horse"),
     "label a number": row(label=3),
@@ -261,12 +303,30 @@ def test_documented_extra_columns_pass_and_undocumented_ones_are_dropped(fake, f
 
 
 def test_a_row_error_is_a_400_and_an_upstream_stack_trace_is_not_shown(fake, fake_client):
-    fake.answer({"predictions": [{"label": None, "confidence": None, "probabilities": None, "uncertain": None,
-                                  "similar": [], "error": "could not decode image: broken data stream"}]})
+    fake.answer(
+        {
+            "predictions": [
+                {
+                    "label": None,
+                    "confidence": None,
+                    "probabilities": None,
+                    "uncertain": None,
+                    "similar": [],
+                    "error": "could not decode image: broken data stream",
+                }
+            ]
+        }
+    )
     response = upload(fake_client, "/api/predict", jpeg())
     assert response.status_code == 400 and "broken data stream" in response.json["error"]
-    fake.answer({"error_code": "BAD_REQUEST", "message": "Failed to predict data '/srv/secret/input'",
-                 "stack_trace": 'Traceback (most recent call last):\n  File "/usr/lib/python3/mlflow.py"'}, status=400)
+    fake.answer(
+        {
+            "error_code": "BAD_REQUEST",
+            "message": "Failed to predict data '/srv/secret/input'",
+            "stack_trace": 'Traceback (most recent call last):\n  File "/usr/lib/python3/mlflow.py"',
+        },
+        status=400,
+    )
     response = upload(fake_client, "/predict", jpeg())
     assert response.status_code == 502 and "HTTP 400" in response.get_data(as_text=True)
     assert b"Traceback" not in response.data and b"/srv/secret" not in response.data and b"mlflow.py" not in response.data
@@ -291,6 +351,7 @@ def test_an_oversized_answer_is_a_502(fake, fake_client):
 
 
 # --- 3: slow clients against the page under gunicorn.conf.py --------------------------------------
+
 
 def trickle_headers(port: int, stop: threading.Event, sent: list[int]) -> None:
     """A slowloris client: a request line, then one header line every 0.5 s until told to stop."""
@@ -325,15 +386,15 @@ def test_slow_clients_do_not_stop_the_page(fake, gunicorn_page):
         thread.start()
     # A third: declares 100,000 bytes of upload and sends 6.
     stalled = socket.create_connection(("127.0.0.1", port), timeout=30)
-    stalled.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
-                    b"Content-Type: multipart/form-data; boundary=B\r\n\r\n--B\r\n")
+    stalled.sendall(
+        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nContent-Type: multipart/form-data; boundary=B\r\n\r\n--B\r\n"
+    )
     try:
         time.sleep(1.5)
         with requests.Session() as session:
             for _ in range(3):
                 assert session.get(f"{gunicorn_page.url}/healthz", timeout=10).json()["ok"] is True
-                answer = session.post(f"{gunicorn_page.url}/api/predict", files={"image": ("a.jpg", jpeg())},
-                                      timeout=10)
+                answer = session.post(f"{gunicorn_page.url}/api/predict", files={"image": ("a.jpg", jpeg())}, timeout=10)
                 assert answer.status_code == 200 and answer.json()["label"] == "cat"
         assert all(thread.is_alive() for thread in slow) and all(sent)  # they were still trickling meanwhile
         # The stalled upload is ended by the page after UPLOAD_IDLE_TIMEOUT (2 s), with its headers.
@@ -348,12 +409,15 @@ def test_slow_clients_do_not_stop_the_page(fake, gunicorn_page):
             thread.join(timeout=10)
 
 
-@pytest.mark.parametrize("request_bytes, status", [
-    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # over limit_request_line
-    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(60)) + b"\r\n", 431),
-    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431),  # over limit_request_field_size
-    (b"NOT<script>A REQUEST\r\n\r\n", 400),
-])
+@pytest.mark.parametrize(
+    "request_bytes, status",
+    [
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # over limit_request_line
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(60)) + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431),  # over limit_request_field_size
+        (b"NOT<script>A REQUEST\r\n\r\n", 400),
+    ],
+)
 def test_gunicorns_own_errors_carry_the_headers_and_echo_nothing(gunicorn_page, request_bytes, status):
     port = int(gunicorn_page.url.rsplit(":", 1)[1])
     response = raw(port, request_bytes)
@@ -366,8 +430,8 @@ def test_gunicorns_own_errors_carry_the_headers_and_echo_nothing(gunicorn_page, 
 
 # --- 7: the memory one image costs ----------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["16-bit grey PNG", "palette + alpha PNG", "RGBA PNG", "EXIF-rotated RGBA PNG",
-                                  "CMYK JPEG"])
+
+@pytest.mark.parametrize("name", ["16-bit grey PNG", "palette + alpha PNG", "RGBA PNG", "EXIF-rotated RGBA PNG", "CMYK JPEG"])
 def test_decoding_stays_within_the_bound(name):
     """Measured in a fresh process (peak resident memory); 6 MP here, 40 MP in bench/decoding.py."""
     assert name in FORMATS

@@ -1,6 +1,7 @@
 """Batch scoring (steps/score.py): every kind of bad file among good ones, a .zip, a list of paths,
 an interrupted run resumed (in-process Ctrl-C and a killed process), a re-run that changes nothing,
 and the `score` entry point through `mlflow run`."""
+
 from __future__ import annotations
 
 import hashlib
@@ -149,7 +150,8 @@ def test_every_file_is_a_row_and_bad_files_never_stop_the_job(collection, model,
     check_rows(table, good, model)
     assert list(table.columns) == result.table.columns.tolist()
     assert [name for name in table.columns if name.startswith("p_")] == [
-        f"p_{label}" for label in scoring.Columns.of(model.metadata.signature).labels]
+        f"p_{label}" for label in scoring.Columns.of(model.metadata.signature).labels
+    ]
     assert not (tmp_path / "predictions.parquet.partial").exists()
     summary = result.summary
     assert summary.files == len(good) + len(BAD) and summary.scored_now == summary.files
@@ -222,8 +224,7 @@ def test_a_zip_with_a_broken_entry(collection, model, tmp_path):
 def test_a_list_of_paths(collection, model, tmp_path):
     folder, good = collection
     listing = tmp_path / "list.txt"
-    listing.write_text("# my photos\n" + "".join(f"{folder / p}\n" for p in good if p != "top.jpg")
-                       + "\nrelative/missing.jpg\n")
+    listing.write_text("# my photos\n" + "".join(f"{folder / p}\n" for p in good if p != "top.jpg") + "\nrelative/missing.jpg\n")
     shutil.copy(folder / "top.jpg", tmp_path / "top.jpg")
     listing.write_text(listing.read_text() + "top.jpg\n")  # relative to the list's folder
     table = scoring.score(listing, tmp_path / "list.parquet", SCORE_MODEL_URI, interactive=False).table
@@ -266,8 +267,7 @@ def test_killed_then_resumed(pipeline, collection, model, tmp_path):
         (many / f"{i:04d}.jpg").symlink_to(folder / sources[i % len(sources)])
     output = tmp_path / "killed.parquet"
     partial = tmp_path / "killed.parquet.partial"
-    command = [sys.executable, "-m", "steps.score", "--input", str(many), "--output", str(output),
-               "--batch-size", "1"]
+    command = [sys.executable, "-m", "steps.score", "--input", str(many), "--output", str(output), "--batch-size", "1"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri, "PATH": VENV_PATH}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -303,28 +303,58 @@ def test_columns_follow_the_models_output_schema():
 
     def signature(*extra):
         probabilities = Object([Property(name, "double") for name in ("fox", "owl")])
-        return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(
-            [ColSpec("string", "label"), ColSpec(probabilities, "probabilities"), *extra]))
+        return ModelSignature(
+            inputs=Schema([ColSpec("string", "image")]),
+            outputs=Schema([ColSpec("string", "label"), ColSpec(probabilities, "probabilities"), *extra]),
+        )
 
     old = scoring.Columns.of(signature())
     assert old.labels == ("fox", "owl") and old.optional == ()
     assert "unfamiliar" not in old.names and old.names[-2:] == ["similar_ids", "error"]
     new = scoring.Columns.of(signature(ColSpec("boolean", "unfamiliar"), ColSpec("double", "familiarity")))
-    assert new.names == ["path", "sha256", "label", "confidence", "p_fox", "p_owl", "uncertain", "unfamiliar",
-                         "familiarity", "similar_ids", "error"]
-    answer = new.answer({"label": "owl", "confidence": 0.9, "probabilities": {"fox": 0.1, "owl": 0.9},
-                         "uncertain": False, "unfamiliar": True, "familiarity": -3.5,
-                         "similar": [{"id": 4, "path": "x", "label": "owl", "score": 0.9}], "error": None})
-    assert answer == {"label": "owl", "confidence": 0.9, "p_fox": 0.1, "p_owl": 0.9, "uncertain": False,
-                      "unfamiliar": True, "familiarity": -3.5, "similar_ids": [4], "error": None}
+    assert new.names == [
+        "path",
+        "sha256",
+        "label",
+        "confidence",
+        "p_fox",
+        "p_owl",
+        "uncertain",
+        "unfamiliar",
+        "familiarity",
+        "similar_ids",
+        "error",
+    ]
+    answer = new.answer(
+        {
+            "label": "owl",
+            "confidence": 0.9,
+            "probabilities": {"fox": 0.1, "owl": 0.9},
+            "uncertain": False,
+            "unfamiliar": True,
+            "familiarity": -3.5,
+            "similar": [{"id": 4, "path": "x", "label": "owl", "score": 0.9}],
+            "error": None,
+        }
+    )
+    assert answer == {
+        "label": "owl",
+        "confidence": 0.9,
+        "p_fox": 0.1,
+        "p_owl": 0.9,
+        "uncertain": False,
+        "unfamiliar": True,
+        "familiarity": -3.5,
+        "similar_ids": [4],
+        "error": None,
+    }
     assert set(answer) == set(new.answer_columns)
 
 
 def test_bad_arguments_are_one_line_errors(pipeline, tmp_path, capsys):
     assert scoring.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o.parquet")]) == 2
     assert scoring.main(["--input", str(tmp_path), "--output", str(tmp_path / "o.json")]) == 2
-    assert scoring.main(["--input", str(tmp_path), "--output", str(tmp_path / "o.csv"),
-                         "--model-uri", "models:/no-such-model/1"]) == 2
+    assert scoring.main(["--input", str(tmp_path), "--output", str(tmp_path / "o.csv"), "--model-uri", "models:/no-such-model/1"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("score")]
     assert [line.split(":")[:2] for line in errors] == [["score", " error"]] * 3
     assert "input not found" in errors[0] and ".parquet or .csv" in errors[1] and "no model at" in errors[2]
@@ -336,20 +366,42 @@ def test_the_entry_point_logs_the_run(pipeline, collection, tmp_path):
     output = tmp_path / "run.parquet"
     env = {**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri, "PATH": VENV_PATH}
     done = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "score", "--env-manager", "local",
-         "-P", f"input={folder}", "-P", f"output={output}", "-P", "batch_size=8"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(ROOT),
+            "-e",
+            "score",
+            "--env-manager",
+            "local",
+            "-P",
+            f"input={folder}",
+            "-P",
+            f"output={output}",
+            "-P",
+            "batch_size=8",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{len(good) + len(BAD)} files -> {output}" in done.stdout
     assert pq.read_table(output).num_rows == len(good) + len(BAD)
-    run = mlflow.search_runs(filter_string="tags.mlflow.runName = 'score'", order_by=["start_time DESC"],
-                             max_results=1, output_format="list")[0]
+    run = mlflow.search_runs(
+        filter_string="tags.mlflow.runName = 'score'", order_by=["start_time DESC"], max_results=1, output_format="list"
+    )[0]
     assert run.data.metrics["errors"] == len(BAD) and run.data.metrics["files"] == len(good) + len(BAD)
     assert run.data.params["model_uri"] == SCORE_MODEL_URI
     artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"run.parquet", "contact_sheet.png", "summary.json"} <= artifacts
-    sheet = Image.open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="contact_sheet.png",
-                                                           dst_path=str(tmp_path)))
+    sheet = Image.open(
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="contact_sheet.png", dst_path=str(tmp_path))
+    )
     labels = pq.read_table(output).to_pandas().label.nunique()
     assert sheet.size == (128 * 6, (labels + 1) * (18 + 128 + 30))  # a row per predicted label, and the least confident
 

@@ -2,6 +2,7 @@
 
 Needs Java: `make install-test` installs Debian's openjdk-17-jre-headless, and pyspark from
 requirements-test.txt, so in CI this runs; it skips (saying why) only where Java cannot be found."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,9 @@ def java() -> str | None:
 
 
 pytestmark = [
-    pytest.mark.skipif(java() is None, reason="Java not found (Spark needs it): `make install-test` installs "
-                                              "Debian's openjdk-17-jre-headless"),
+    pytest.mark.skipif(
+        java() is None, reason="Java not found (Spark needs it): `make install-test` installs Debian's openjdk-17-jre-headless"
+    ),
 ]
 
 
@@ -41,8 +43,9 @@ def spark():
 def test_spark_gives_the_local_engines_rows(collection, model, spark, tmp_path):  # noqa: F811
     folder, good = collection
     local = scoring.score(folder, tmp_path / "local.parquet", SCORE_MODEL_URI, batch_size=4, interactive=False)
-    on_spark = scoring.score(folder, tmp_path / "spark.parquet", SCORE_MODEL_URI, engine="spark",
-                             spark_master="local[2]", batch_size=4, interactive=False)
+    on_spark = scoring.score(
+        folder, tmp_path / "spark.parquet", SCORE_MODEL_URI, engine="spark", spark_master="local[2]", batch_size=4, interactive=False
+    )
 
     table = pq.read_table(tmp_path / "spark.parquet").to_pandas()
     check_rows(table, good, model)
@@ -67,8 +70,7 @@ def test_spark_reads_a_zip(collection, model, spark, tmp_path):  # noqa: F811
     with zipfile.ZipFile(archive, "w") as bundle:
         for relative, data in good.items():
             bundle.writestr(relative, data)
-    result = scoring.score(archive, tmp_path / "zip.csv", SCORE_MODEL_URI, engine="spark",
-                           spark_master="local[2]", interactive=False)
+    result = scoring.score(archive, tmp_path / "zip.csv", SCORE_MODEL_URI, engine="spark", spark_master="local[2]", interactive=False)
     check_rows(scoring._from_csv(tmp_path / "zip.csv"), good, model, {})
     assert result.summary.duplicates == 1
 

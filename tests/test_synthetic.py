@@ -38,8 +38,7 @@ DRAWS = 150  # per class; about 1.5 s in all
 
 @pytest.fixture(scope="module")
 def attributes() -> dict[str, list[dict[str, str]]]:
-    return {label: [draw_face(label, [7, 0, li, i], size=32)[1] for i in range(DRAWS)]
-            for li, label in enumerate(LABELS)}
+    return {label: [draw_face(label, [7, 0, li, i], size=32)[1] for i in range(DRAWS)] for li, label in enumerate(LABELS)}
 
 
 def test_public_constants():

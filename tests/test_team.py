@@ -3,6 +3,7 @@ cluster, started the way `make team-up` starts it), `mlflow server` on it with i
 S3-protocol bucket, and that object store (moto's server mode: the same boto3 calls reach AWS S3 or
 MinIO). Heavy, so marked `team` (`pytest -m "not team"` leaves them out); kept small: 12 images per
 class, 32 px, 1-2 epochs, 2 tune trials."""
+
 from __future__ import annotations
 
 import io
@@ -38,14 +39,16 @@ LABELS = {"cat", "dog", "wild"}
 
 # --- the servers ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's S3 server on a loopback port, with the buckets `images` and `artifacts`; the AWS
     variables point this process (and every process it starts) at it."""
     port = free_port()
     log = (tmp_path_factory.mktemp("s3") / "moto.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{endpoint}/moto-api/", process, timeout=60)
@@ -102,8 +105,7 @@ def fresh_database(team: Layout, name: str) -> str:
 def team_env(team: Layout, experiment: str = "team", **extra: str) -> dict[str, str]:
     """A client process's environment: the team's servers, none of the test session's own store."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return {**env, **team.client_environment(), "MLFLOW_EXPERIMENT_NAME": experiment, "PATH": VENV_PATH,
-            "PYTHONPATH": str(ROOT), **extra}
+    return {**env, **team.client_environment(), "MLFLOW_EXPERIMENT_NAME": experiment, "PATH": VENV_PATH, "PYTHONPATH": str(ROOT), **extra}
 
 
 def run(command: list[str], env: dict, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -126,6 +128,7 @@ def tracking_files() -> dict[str, float | None]:
 
 
 # --- the catalogue on PostgreSQL, the image store on S3 --------------------------------------------
+
 
 def test_catalogue_on_postgres_holds_what_sqlite_holds(team, tmp_path):
     images, metadata = tmp_path / "images", tmp_path / "metadata.csv"
@@ -154,8 +157,17 @@ def test_catalogue_on_postgres_holds_what_sqlite_holds(team, tmp_path):
 
     writer = catalogue.connect(url)
     try:
-        row = {"sha256": "a" * 64, "path": "../../etc/passwd", "split": "train", "label": "cat'; DROP TABLE images;--",
-               "width": 1, "height": 1, "bytes": 1, "source": "test", "attributes": {}}
+        row = {
+            "sha256": "a" * 64,
+            "path": "../../etc/passwd",
+            "split": "train",
+            "label": "cat'; DROP TABLE images;--",
+            "width": 1,
+            "height": 1,
+            "bytes": 1,
+            "source": "test",
+            "attributes": {},
+        }
         assert catalogue.upsert_images(writer, [row]).inserted == 1
         tampered = catalogue.images(writer).set_index("sha256").loc["a" * 64]
         assert tampered.label == "cat'; DROP TABLE images;--"  # data, not SQL
@@ -183,8 +195,7 @@ def test_image_store_on_s3(s3, tmp_path, monkeypatch):
     # extract -> s3, populate -> catalogue: keys relative to the store, readers read through it
     metadata, db = tmp_path / "metadata.csv", tmp_path / "c.db"
     report = extract("synthetic", "s3://images/pipeline", metadata, images_per_class=3, seed=4)
-    assert report.written == 9 and extract("synthetic", "s3://images/pipeline", metadata, images_per_class=3,
-                                           seed=4).unchanged == 9
+    assert report.written == 9 and extract("synthetic", "s3://images/pipeline", metadata, images_per_class=3, seed=4).unchanged == 9
     assert populate(metadata, "s3://images/pipeline", db).inserted == 9
     conn = catalogue.connect(db, readonly=True)
     try:
@@ -222,19 +233,29 @@ def test_two_populates_at_once_store_each_image_once(team, tmp_path):
     holder = catalogue._engine(url, readonly=False).connect()
     holder.execute(text("LOCK TABLE images IN EXCLUSIVE MODE"))
     env = team_env(team)
-    processes = [subprocess.Popen([sys.executable, "-m", "steps.populate", "--metadata", str(csv),
-                                   "--image-store", "s3://images/concurrent", "--db", url],
-                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for csv in (metadata, half)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "steps.populate", "--metadata", str(csv), "--image-store", "s3://images/concurrent", "--db", url],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for csv in (metadata, half)
+    ]
     try:
         deadline = time.monotonic() + 300
         waiting = 0
         while waiting < 2 and time.monotonic() < deadline and all(p.poll() is None for p in processes):
             time.sleep(0.2)
             holder.execute(text("SELECT pg_stat_clear_snapshot()"))  # statistics views are frozen per transaction
-            waiting = holder.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'concurrent' "
-                "AND application_name = 'animal-faces' AND wait_event_type = 'Lock'")).scalar()
+            waiting = holder.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = 'concurrent' "
+                    "AND application_name = 'animal-faces' AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
         assert waiting == 2, "both populates should be waiting on the table at once"
     finally:
         holder.commit()
@@ -254,6 +275,7 @@ def test_two_populates_at_once_store_each_image_once(team, tmp_path):
 
 # --- the whole pipeline against the servers ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def team_pipeline(team, s3, tmp_path_factory):
     """`mlflow run .` (main: extract to s3://images/e2e -> populate on PostgreSQL -> train ->
@@ -262,15 +284,26 @@ def team_pipeline(team, s3, tmp_path_factory):
     before = tracking_files()
     url = fresh_database(team, "e2e")
     env = team_env(team, experiment="team-e2e")
-    mlflow_run("main", {"source": "synthetic", "image_store": "s3://images/e2e", "data_dir": work, "db": url,
-                        "images_per_class": TINY["images_per_class"], "seed": 7, "image_size": TINY["image_size"],
-                        "epochs": TINY["epochs"]}, env, work)
+    mlflow_run(
+        "main",
+        {
+            "source": "synthetic",
+            "image_store": "s3://images/e2e",
+            "data_dir": work,
+            "db": url,
+            "images_per_class": TINY["images_per_class"],
+            "seed": 7,
+            "image_size": TINY["image_size"],
+            "epochs": TINY["epochs"],
+        },
+        env,
+        work,
+    )
     assert not (work / "images").exists()  # the images went to the bucket only
     client = MlflowClient(team.tracking_uri())
     experiment = client.get_experiment_by_name("team-e2e")
     trained = client.search_runs([experiment.experiment_id], "tags.model_uri != ''", max_results=1)[0]
-    return {"work": work, "db": url, "client": client, "experiment": experiment, "train_run": trained,
-            "env": env, "before": before}
+    return {"work": work, "db": url, "client": client, "experiment": experiment, "train_run": trained, "env": env, "before": before}
 
 
 def test_pipeline_runs_against_the_servers_and_writes_no_local_tracking_files(team_pipeline, team, s3):
@@ -298,9 +331,28 @@ def test_served_from_the_servers_registry(team_pipeline, tmp_path):
     port, url = free_port(), team_pipeline["db"]
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/animal@production", "-p", str(port),
-         "-h", "127.0.0.1", "--env-manager", "local", "-w", "1"],
-        cwd=team_pipeline["work"], env=team_pipeline["env"], stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/animal@production",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "--env-manager",
+            "local",
+            "-w",
+            "1",
+        ],
+        cwd=team_pipeline["work"],
+        env=team_pipeline["env"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", process, timeout=300)
         conn = catalogue.connect(url, readonly=True)
@@ -311,8 +363,11 @@ def test_served_from_the_servers_registry(team_pipeline, tmp_path):
         import base64
 
         photo = base64.b64encode(image_store.read_location(val.file.iloc[0])).decode()
-        response = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=120,
-                                 json={"dataframe_split": {"columns": ["image"], "data": [[photo]]}, "params": {"k": 3}})
+        response = requests.post(
+            f"http://127.0.0.1:{port}/invocations",
+            timeout=120,
+            json={"dataframe_split": {"columns": ["image"], "data": [[photo]]}, "params": {"k": 3}},
+        )
         assert response.status_code == 200, response.text
         answer = response.json()["predictions"][0]
         assert answer["label"] in LABELS and answer["error"] is None
@@ -321,11 +376,11 @@ def test_served_from_the_servers_registry(team_pipeline, tmp_path):
         # One upload through the page: catalogue on PostgreSQL, images from the bucket.
         from web.app import create_app
 
-        page = create_app({"ANIMAL_DB": url, "IMAGE_STORE": "s3://images/e2e",
-                           "SCORING_URL": f"http://127.0.0.1:{port}/invocations"}).test_client()
+        page = create_app(
+            {"ANIMAL_DB": url, "IMAGE_STORE": "s3://images/e2e", "SCORING_URL": f"http://127.0.0.1:{port}/invocations"}
+        ).test_client()
         upload = image_store.read_location(val.file.iloc[0])
-        shown = page.post("/predict", data={"image": (io.BytesIO(upload), "photo.jpg")},
-                          content_type="multipart/form-data")
+        shown = page.post("/predict", data={"image": (io.BytesIO(upload), "photo.jpg")}, content_type="multipart/form-data")
         assert shown.status_code == 200, shown.text
         similar = [int(i) for i in re.findall(r'src="/images/(\d+)"', shown.text)]
         assert similar and set(similar) <= set(catalogue_ids(url))
@@ -358,8 +413,7 @@ def test_batch_scoring_with_the_servers_model(team_pipeline, tmp_path):
     finally:
         conn.close()
     output = tmp_path / "scores.csv"
-    run([sys.executable, "-m", "steps.score", "--input", str(photos), "--output", str(output)],
-        team_pipeline["env"], tmp_path)
+    run([sys.executable, "-m", "steps.score", "--input", str(photos), "--output", str(output)], team_pipeline["env"], tmp_path)
     scores = pd.read_csv(output)
     assert len(scores) == 3 and set(scores.label) <= LABELS and scores.error.isna().all()
     assert not any((tmp_path / name).exists() for name in ("mlruns", "mlflow.db"))
@@ -381,15 +435,43 @@ def test_a_failed_register_leaves_the_registry_as_it_was(team_pipeline, team, mo
     try:
         with catalogue.transaction(conn):
             catalogue.set_store_root(conn, "s3://no-such-bucket/images")
-            catalogue.upsert_images(conn, [{"sha256": "b" * 64, "path": "val/cat/x.jpg", "split": "val", "label": "cat",
-                                            "width": 1, "height": 1, "bytes": 1, "source": "t", "attributes": {}}])
+            catalogue.upsert_images(
+                conn,
+                [
+                    {
+                        "sha256": "b" * 64,
+                        "path": "val/cat/x.jpg",
+                        "split": "val",
+                        "label": "cat",
+                        "width": 1,
+                        "height": 1,
+                        "bytes": 1,
+                        "source": "t",
+                        "attributes": {},
+                    }
+                ],
+            )
     finally:
         conn.close()
     client = team_pipeline["client"]
-    result = subprocess.run([sys.executable, "-m", "steps.register", "--model-uri",
-                             team_pipeline["train_run"].data.tags["model_uri"], "--db", url, "--name", "animal-failing"],
-                            cwd=team_pipeline["work"], env=team_pipeline["env"], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steps.register",
+            "--model-uri",
+            team_pipeline["train_run"].data.tags["model_uri"],
+            "--db",
+            url,
+            "--name",
+            "animal-failing",
+        ],
+        cwd=team_pipeline["work"],
+        env=team_pipeline["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("register: error: the image store s3://no-such-bucket")
     assert client.search_model_versions("name = 'animal-failing'") == []
@@ -438,15 +520,30 @@ def test_distributed_tune_against_the_server(team, tmp_path):
     url = fresh_database(team, "tune")
     populate(metadata, "s3://images/tune", url)
     directory = tmp_path / "tuning"
-    command = [sys.executable, "-m", "steps.tune", "--db", url, "--max-trials", "2", "--epochs", "1",
-               "--image-size", str(TINY["image_size"]), "--tuner", "random", "--directory", str(directory)]
-    env = team_env(team, experiment="team-tune", KERASTUNER_ORACLE_IP="127.0.0.1",
-                   KERASTUNER_ORACLE_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    command = [
+        sys.executable,
+        "-m",
+        "steps.tune",
+        "--db",
+        url,
+        "--max-trials",
+        "2",
+        "--epochs",
+        "1",
+        "--image-size",
+        str(TINY["image_size"]),
+        "--tuner",
+        "random",
+        "--directory",
+        str(directory),
+    ]
+    env = team_env(
+        team, experiment="team-tune", KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(free_port()), PYTHONUNBUFFERED="1"
+    )
     from steps.tune import STATE_FILE
 
     state_file = directory / "random" / STATE_FILE
-    run_distributed_tune(command, env, cwd=tmp_path, logs_dir=tmp_path,
-                         state_file=state_file, timeout=900)
+    run_distributed_tune(command, env, cwd=tmp_path, logs_dir=tmp_path, state_file=state_file, timeout=900)
 
     client = MlflowClient(team.tracking_uri())
     parent_id = json.loads(state_file.read_text())["parent_run_id"]
@@ -462,6 +559,7 @@ def test_distributed_tune_against_the_server(team, tmp_path):
 
 # --- a server down: one line that says what and how to start it ----------------------------------------
 
+
 def test_one_line_errors_when_a_server_is_down(s3, tmp_path, monkeypatch):
     images, metadata = tmp_path / "images", tmp_path / "metadata.csv"
     extract("synthetic", images, metadata, images_per_class=2, seed=1)
@@ -469,23 +567,61 @@ def test_one_line_errors_when_a_server_is_down(s3, tmp_path, monkeypatch):
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     base = {**base, "PATH": VENV_PATH, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
     cases = {
-        "tracking server": ([sys.executable, "-m", "steps.populate", "--metadata", str(metadata), "--image-store",
-                             str(images), "--db", str(tmp_path / "c.db")],
-                            {"MLFLOW_TRACKING_URI": f"http://{dead}"},
-                            f"populate: error: the MLflow tracking server http://{dead} is unreachable"),
-        "postgres": ([sys.executable, "-m", "steps.populate", "--metadata", str(metadata), "--image-store",
-                      str(images), "--db", f"postgresql://animal@{dead}/animal"], {},
-                     f"populate: error: the catalogue database postgresql://animal@{dead}/animal is unreachable"),
-        "object store": ([sys.executable, "-m", "steps.extract", "--image-store", "s3://images/down", "--metadata",
-                          str(tmp_path / "m.csv"), "--images-per-class", "2"], {"AWS_ENDPOINT_URL": f"http://{dead}"},
-                         "extract: error: the image store s3://images/down is unreachable"),
-        "tracking server, train": ([sys.executable, "-m", "steps.train", "--db", str(tmp_path / "c.db")],
-                                   {"MLFLOW_TRACKING_URI": f"http://{dead}"},
-                                   f"train: error: the MLflow tracking server http://{dead} is unreachable"),
+        "tracking server": (
+            [
+                sys.executable,
+                "-m",
+                "steps.populate",
+                "--metadata",
+                str(metadata),
+                "--image-store",
+                str(images),
+                "--db",
+                str(tmp_path / "c.db"),
+            ],
+            {"MLFLOW_TRACKING_URI": f"http://{dead}"},
+            f"populate: error: the MLflow tracking server http://{dead} is unreachable",
+        ),
+        "postgres": (
+            [
+                sys.executable,
+                "-m",
+                "steps.populate",
+                "--metadata",
+                str(metadata),
+                "--image-store",
+                str(images),
+                "--db",
+                f"postgresql://animal@{dead}/animal",
+            ],
+            {},
+            f"populate: error: the catalogue database postgresql://animal@{dead}/animal is unreachable",
+        ),
+        "object store": (
+            [
+                sys.executable,
+                "-m",
+                "steps.extract",
+                "--image-store",
+                "s3://images/down",
+                "--metadata",
+                str(tmp_path / "m.csv"),
+                "--images-per-class",
+                "2",
+            ],
+            {"AWS_ENDPOINT_URL": f"http://{dead}"},
+            "extract: error: the image store s3://images/down is unreachable",
+        ),
+        "tracking server, train": (
+            [sys.executable, "-m", "steps.train", "--db", str(tmp_path / "c.db")],
+            {"MLFLOW_TRACKING_URI": f"http://{dead}"},
+            f"train: error: the MLflow tracking server http://{dead} is unreachable",
+        ),
     }
-    processes = {name: subprocess.Popen(command, env={**base, **env}, cwd=tmp_path, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-                 for name, (command, env, _) in cases.items()}
+    processes = {
+        name: subprocess.Popen(command, env={**base, **env}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (command, env, _) in cases.items()
+    }
     for name, process in processes.items():
         _, stderr = process.communicate(timeout=600)
         last = stderr.strip().splitlines()[-1]
@@ -497,14 +633,16 @@ def test_one_line_errors_when_a_server_is_down(s3, tmp_path, monkeypatch):
     # The page: catalogue database or object store down is a 503 page, never a trace.
     from web.app import create_app
 
-    page = create_app({"ANIMAL_DB": f"postgresql://animal@{dead}/animal", "IMAGE_STORE": "s3://images/down",
-                       "SCORING_URL": f"http://{dead}/invocations"}).test_client()
+    page = create_app(
+        {"ANIMAL_DB": f"postgresql://animal@{dead}/animal", "IMAGE_STORE": "s3://images/down", "SCORING_URL": f"http://{dead}/invocations"}
+    ).test_client()
     assert page.get("/images/1").status_code == 503 and b"Traceback" not in page.get("/images/1").data
     assert page.get("/healthz").get_json()["catalogue"]["readable"] is False
     populate(metadata, images, tmp_path / "c.db")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{dead}")
-    page = create_app({"ANIMAL_DB": str(tmp_path / "c.db"), "IMAGE_STORE": "s3://images/down",
-                       "SCORING_URL": f"http://{dead}/invocations"}).test_client()
+    page = create_app(
+        {"ANIMAL_DB": str(tmp_path / "c.db"), "IMAGE_STORE": "s3://images/down", "SCORING_URL": f"http://{dead}/invocations"}
+    ).test_client()
     assert page.get("/images/1").status_code == 503
 
 

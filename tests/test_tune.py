@@ -1,5 +1,6 @@
 """tune: a tiny search (tiny data, 32 px, 1 epoch a trial) with one injected failure and one
 interruption, resumed; and KerasTuner's distributed mode, a chief and two workers on 127.0.0.1."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,9 @@ def db(tmp_path_factory) -> Path:
 
 def trial_runs(parent_id: str) -> pd.DataFrame:
     experiment = MlflowClient().get_run(parent_id).info.experiment_id
-    runs = mlflow.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                              order_by=["attributes.start_time ASC"])
+    runs = mlflow.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", order_by=["attributes.start_time ASC"]
+    )
     return runs.dropna(subset=["tags.trial_id"])
 
 
@@ -52,8 +54,7 @@ def test_search_space_holds_train_defaults():
     assert hyperparameters(kt.HyperParameters()) == train.Hyperparameters()
 
 
-def test_trials_are_child_runs_a_failure_is_recorded_and_a_resumed_search_repeats_nothing(
-        store, db, tmp_path, monkeypatch):
+def test_trials_are_child_runs_a_failure_is_recorded_and_a_resumed_search_repeats_nothing(store, db, tmp_path, monkeypatch):
     directory = tmp_path / "tuning"
     settings = {**TINY, "directory": directory}
     real_fit, calls, mishaps = train.fit, [], iter(["fail", "interrupt"])
@@ -85,8 +86,9 @@ def test_trials_are_child_runs_a_failure_is_recorded_and_a_resumed_search_repeat
     assert "injected failure" in failed["tags.error"]
     assert "injected failure" in mlflow.artifacts.load_text(f"runs:/{failed.run_id}/error.txt")
     done = runs[runs.status == "FINISHED"].iloc[0]
-    assert {f"params.{name}" for name in ("conv_blocks", "filters", "dense_units", "dropout", "learning_rate",
-                                           "augment")} <= set(runs.columns)
+    assert {f"params.{name}" for name in ("conv_blocks", "filters", "dense_units", "dropout", "learning_rate", "augment")} <= set(
+        runs.columns
+    )
     assert done["metrics.final_val_accuracy"] == pytest.approx(result.best_val_accuracy)
     assert len(MlflowClient().get_metric_history(done.run_id, "val_accuracy")) == 1  # per epoch
 
@@ -111,13 +113,32 @@ def test_distributed_chief_and_two_workers_on_loopback(store, db, tmp_path):
     """DISTRIBUTED, about a minute: three processes, KerasTuner's chief oracle and two workers over
     gRPC on 127.0.0.1; every worker's trials land as child runs of the chief's one parent run."""
     directory = tmp_path / "tuning"
-    command = [sys.executable, "-m", "steps.tune", "--db", str(db), "--max-trials", "4", "--epochs", "1",
-               "--image-size", "32", "--tuner", "random", "--directory", str(directory)]
-    env = {**os.environ, "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port()),
-           "MLFLOW_TRACKING_URI": store, "PYTHONUNBUFFERED": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "steps.tune",
+        "--db",
+        str(db),
+        "--max-trials",
+        "4",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--tuner",
+        "random",
+        "--directory",
+        str(directory),
+    ]
+    env = {
+        **os.environ,
+        "KERASTUNER_ORACLE_IP": "127.0.0.1",
+        "KERASTUNER_ORACLE_PORT": str(free_port()),
+        "MLFLOW_TRACKING_URI": store,
+        "PYTHONUNBUFFERED": "1",
+    }
     state_file = directory / "random" / STATE_FILE
-    run_distributed_tune(command, env, cwd=ROOT, logs_dir=tmp_path,
-                         state_file=state_file, timeout=300)
+    run_distributed_tune(command, env, cwd=ROOT, logs_dir=tmp_path, state_file=state_file, timeout=300)
 
     parent_id = json.loads(state_file.read_text())["parent_run_id"]
     runs = trial_runs(parent_id)

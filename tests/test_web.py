@@ -1,5 +1,6 @@
 """The upload page against a real scoring server (`mlflow models serve` of the tiny pipeline's
 Production model), through Flask's test client: every route, every error page."""
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,7 @@ LABELS = {"cat", "dog", "wild"}
 
 @pytest.fixture(scope="module")
 def config(pipeline, scoring_server) -> dict:
-    return {"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db),
-            "IMAGE_STORE": str(pipeline.image_store)}
+    return {"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db), "IMAGE_STORE": str(pipeline.image_store)}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,13 @@ def client(config):
 @pytest.fixture(scope="module")
 def down_client(pipeline):
     """The page with nothing listening at SCORING_URL."""
-    return create_app({"SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations",
-                       "ANIMAL_DB": str(pipeline.db), "IMAGE_STORE": str(pipeline.image_store)}).test_client()
+    return create_app(
+        {
+            "SCORING_URL": f"http://127.0.0.1:{free_port()}/invocations",
+            "ANIMAL_DB": str(pipeline.db),
+            "IMAGE_STORE": str(pipeline.image_store),
+        }
+    ).test_client()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +61,7 @@ def upload(client, path: str, data: bytes, filename: str = "face.jpg"):
 
 def direct(scoring_server: str, data: bytes, k: int) -> dict:
     """What the scoring server itself answers for this image, to compare the page with."""
-    payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(data).decode()]]},
-               "params": {"k": k}}
+    payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(data).decode()]]}, "params": {"k": k}}
     response = requests.post(f"{scoring_server}/invocations", json=payload, timeout=30)
     response.raise_for_status()
     return response.json()["predictions"][0]
@@ -95,6 +99,7 @@ def assert_error_page(response, status: int, *phrases: str) -> None:
 
 # --- the page and its result ---------------------------------------------------------------------
 
+
 def test_index_has_the_upload_form(client):
     response = client.get("/")
     html = response.get_data(as_text=True)
@@ -114,8 +119,8 @@ def test_upload_shows_label_probabilities_and_similar_images(client, photo, scor
     response = upload(client, "/predict", photo, "my <cat>.jpg")
     html = response.get_data(as_text=True)
     assert response.status_code == 200 and response.mimetype == "text/html"
-    assert f'data-label>{expected["label"]}</h1>' in html
-    assert f'{expected["confidence"] * 100:.1f}%' in html
+    assert f"data-label>{expected['label']}</h1>" in html
+    assert f"{expected['confidence'] * 100:.1f}%" in html
     for name, p in expected["probabilities"].items():
         assert f'<progress max="1" value="{p}" aria-label="{name}">' in html
     # The uploaded image comes back inline, never stored; the file name is escaped.
@@ -126,7 +131,7 @@ def test_upload_shows_label_probabilities_and_similar_images(client, photo, scor
     positions = [html.index(f'<img src="/images/{item["id"]}"') for item in expected["similar"]]
     assert positions == sorted(positions)
     for item in expected["similar"]:
-        assert f'{item["score"]:.3f}' in html
+        assert f"{item['score']:.3f}" in html
     assert html.count('class="tile"') == len(expected["similar"])
 
 
@@ -149,14 +154,14 @@ def test_api_predict_returns_the_model_row(client, photo, scoring_server):
     assert row["confidence"] == max(row["probabilities"].values()) == row["probabilities"][row["label"]]
     assert row["uncertain"] == (row["confidence"] < 0.6)
     assert 0 < len(row["similar"]) <= 6
-    assert all(set(item) == {"id", "path", "label", "score"} and item["label"] == row["label"]
-               for item in row["similar"])
+    assert all(set(item) == {"id", "path", "label", "score"} and item["label"] == row["label"] for item in row["similar"])
     scores = [item["score"] for item in row["similar"]]
     assert scores == sorted(scores, reverse=True)
     assert row == direct(scoring_server, photo, k=6)
 
 
 # --- catalogue images ---------------------------------------------------------------------------
+
 
 def test_catalogue_images_are_served_by_id(client, photo, pipeline):
     similar = upload(client, "/api/predict", photo).json["similar"]
@@ -178,12 +183,26 @@ def test_catalogue_images_are_served_by_id(client, photo, pipeline):
         assert again.status_code == 304 and not again.data
 
 
-@pytest.mark.parametrize("path", [
-    "/images/999999", "/images/0", "/images/-1", "/images/abc", "/images/1.5", "/images/",
-    "/images/../../etc/passwd", "/images/..%2F..%2Fetc%2Fpasswd", "/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-    "/images/%252e%252e%252fetc%252fpasswd", "/images/1/../../../etc/passwd", "/images/1%2F..%2F..%2Fetc%2Fpasswd",
-    "/images/..\\..\\etc\\passwd", "/images/%00", "/images/1%00.jpg",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/999999",
+        "/images/0",
+        "/images/-1",
+        "/images/abc",
+        "/images/1.5",
+        "/images/",
+        "/images/../../etc/passwd",
+        "/images/..%2F..%2Fetc%2Fpasswd",
+        "/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/images/%252e%252e%252fetc%252fpasswd",
+        "/images/1/../../../etc/passwd",
+        "/images/1%2F..%2F..%2Fetc%2Fpasswd",
+        "/images/..\\..\\etc\\passwd",
+        "/images/%00",
+        "/images/1%00.jpg",
+    ],
+)
 def test_only_catalogue_ids_are_served(client, path):
     response = client.get(path)
     assert_error_page(response, 404, "Not Found")
@@ -196,6 +215,7 @@ def test_missing_catalogue_is_a_503_page(config):
 
 
 # --- errors -------------------------------------------------------------------------------------
+
 
 def truncated_png(photo: bytes) -> bytes:
     buffer = io.BytesIO()
@@ -264,8 +284,13 @@ def test_scoring_server_too_slow_is_503(pipeline, photo):
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        client = create_app({"SCORING_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/invocations",
-                             "ANIMAL_DB": str(pipeline.db), "SCORING_TIMEOUT": 0.5}).test_client()
+        client = create_app(
+            {
+                "SCORING_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/invocations",
+                "ANIMAL_DB": str(pipeline.db),
+                "SCORING_TIMEOUT": 0.5,
+            }
+        ).test_client()
         started = time.monotonic()
         response = upload(client, "/predict", photo)
     assert_error_page(response, 503, "did not answer within 0.5 s")
@@ -343,8 +368,7 @@ def test_module_level_app_uses_the_defaults():
     from web.app import app
 
     assert app.config["SCORING_URL"].endswith("/invocations")
-    assert {rule.rule for rule in app.url_map.iter_rules()} >= {
-        "/", "/predict", "/api/predict", "/images/<int:image_id>", "/healthz"}
+    assert {rule.rule for rule in app.url_map.iter_rules()} >= {"/", "/predict", "/api/predict", "/images/<int:image_id>", "/healthz"}
 
 
 def test_a_scoring_server_that_cannot_start_is_one_line_naming_the_model(tmp_path):

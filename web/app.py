@@ -4,6 +4,7 @@ Run it with `flask --app web.app run` (development) or `gunicorn -c gunicorn.con
 (production); it talks to `mlflow models serve` at SCORING_URL. Routes and configuration:
 docs/design.md and docs/serving.md; limits: docs/reliability.md.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,8 +45,7 @@ DEFAULTS = {
 # Catalogue images never change under their id (rows are keyed by content hash): cache them a day.
 IMAGE_MAX_AGE = 86400
 # What a browser can show (MPO is a JPEG with extra frames): the type comes from the file's header.
-MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
-        "BMP": "image/bmp", "GIF": "image/gif"}
+MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "GIF": "image/gif"}
 REFUSALS_REMEMBERED = 10_000  # catalogue ids whose refusal was logged (each is logged once)
 
 
@@ -67,6 +67,7 @@ class InMemoryRequest(Request):
 
 
 # --- configuration ------------------------------------------------------------------------------
+
 
 def load_config(overrides: dict | None = None) -> dict:
     """Defaults, then the environment, then `overrides` (tests, launchers); checked once, here."""
@@ -93,8 +94,12 @@ def create_app(config: dict | None = None) -> Flask:
     app.request_class = InMemoryRequest
     app.config.update(load_config(config))
     app.json.sort_keys = False  # /api/predict keeps the model's column order
-    app.extensions["animal"] = Services(ScoringClient(app.config["SCORING_URL"], app.config["SCORING_TIMEOUT"]),
-                                        open_store(app.config["IMAGE_STORE"]), set(), threading.Lock())
+    app.extensions["animal"] = Services(
+        ScoringClient(app.config["SCORING_URL"], app.config["SCORING_TIMEOUT"]),
+        open_store(app.config["IMAGE_STORE"]),
+        set(),
+        threading.Lock(),
+    )
     app.extensions["model_info"] = ModelInfo()  # the Production version's model card (web/model_info.py)
     app.extensions["model_info"].refresh_soon()
     app.context_processor(lambda: {"model": app.extensions["model_info"].footer()})  # templates/footer.html
@@ -110,6 +115,7 @@ def services() -> Services:
 
 
 # --- routes -------------------------------------------------------------------------------------
+
 
 def add_routes(app: Flask) -> None:
     app.add_url_rule("/", "index", index, methods=["GET"])
@@ -162,8 +168,7 @@ def image(image_id: int) -> Response:
     except StoreError as error:  # an object store that does not answer (team layout)
         log.warning("image store unavailable: %s", error)
         abort(503, description="The image store is not available.")
-    return send_file(io.BytesIO(data), mimetype=mimetype, max_age=IMAGE_MAX_AGE,
-                     etag=hashlib.sha256(data).hexdigest()[:32])
+    return send_file(io.BytesIO(data), mimetype=mimetype, max_age=IMAGE_MAX_AGE, etag=hashlib.sha256(data).hexdigest()[:32])
 
 
 def healthz() -> tuple[Response, int]:
@@ -174,6 +179,7 @@ def healthz() -> tuple[Response, int]:
 
 
 # --- what the routes share ----------------------------------------------------------------------
+
 
 def read_upload() -> tuple[bytes, str]:
     """The uploaded file's bytes and image format, checked before the model is asked (400 if not usable)."""
@@ -286,6 +292,7 @@ def refuse(image_id: int, reason: str) -> NoReturn:
 
 # --- every response -----------------------------------------------------------------------------
 
+
 def bound_slow_uploads() -> None:
     """Under gunicorn, a client that stops sending its upload frees its thread after
     UPLOAD_IDLE_TIMEOUT seconds of silence (gunicorn's own sockets wait forever)."""
@@ -307,8 +314,7 @@ def add_error_handlers(app: Flask) -> None:
 
 def http_error(error: HTTPException):
     if isinstance(error, RequestEntityTooLarge):
-        error.description = (f"The file is too large: uploads are limited to "
-                             f"{current_app.config['MAX_UPLOAD_MB']:g} MB.")
+        error.description = f"The file is too large: uploads are limited to {current_app.config['MAX_UPLOAD_MB']:g} MB."
     return error_response(error.code or 500, error.name, error.description or "")
 
 

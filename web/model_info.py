@@ -12,6 +12,7 @@ the footer describes the version that is Production now; `make serve` serves Pro
 agree unless someone promotes while the page runs. If the registry cannot be read, the page keeps
 working and its footer names only the model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,7 @@ FACTS_FILE = "model_card.json"  # steps.model_card.FACTS_FILE (not imported: tha
 class ModelInfo:
     """The Production version's card facts, read from the registry and cached."""
 
-    def __init__(self, tracking_uri: str | None = None, name: str = defaults.MODEL_NAME, alias: str = defaults.ALIAS,
-                 ttl: float = TTL):
+    def __init__(self, tracking_uri: str | None = None, name: str = defaults.MODEL_NAME, alias: str = defaults.ALIAS, ttl: float = TTL):
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or defaults.TRACKING_URI
         self.name, self.alias, self.ttl = name, alias, ttl
         self._lock = threading.Lock()
@@ -73,8 +73,9 @@ class ModelInfo:
             else:  # an older runs:/ source: the card went to the run
                 location = client.get_run(version.run_id).info.artifact_uri
             with tempfile.TemporaryDirectory() as folder:
-                path = mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/{FACTS_FILE}",
-                                                           dst_path=folder, tracking_uri=self.tracking_uri)
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{location.rstrip('/')}/{FACTS_FILE}", dst_path=folder, tracking_uri=self.tracking_uri
+                )
                 return json.loads(Path(path).read_text()), None
         except (MlflowException, OSError, ValueError) as error:
             log.info("no model card for %s in %s: %s", where, self.tracking_uri, str(error).splitlines()[0][:200])
@@ -87,6 +88,10 @@ class ModelInfo:
         facts = self._cached[1]
         if facts is None:
             return {"name": self.name, "version": None}
-        return {"name": facts["model"].get("name") or self.name, "version": facts["model"].get("version"),
-                "source": facts["data"]["source"], "synthetic": facts["data"].get("synthetic", False),
-                "accuracy": facts["validation"]["accuracy"]}
+        return {
+            "name": facts["model"].get("name") or self.name,
+            "version": facts["model"].get("version"),
+            "source": facts["data"]["source"],
+            "synthetic": facts["data"].get("synthetic", False),
+            "accuracy": facts["validation"]["accuracy"],
+        }

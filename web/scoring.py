@@ -5,6 +5,7 @@ receiving together, so a server that trickles its answer cannot hold a request l
 comes back is a row of the model's output contract (docs/design.md) or an error, never anything
 that merely looks like a row.
 """
+
 from __future__ import annotations
 
 import base64
@@ -57,8 +58,7 @@ class ScoringClient:
     def predict(self, image: bytes, params: dict) -> dict:
         """The model's row for one image file, checked against the output contract (it may carry a
         per-row `error`). Raises ScoringUnavailable (down, slow, failing) or ScoringFailed."""
-        payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode("ascii")]]},
-                   "params": params}
+        payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode("ascii")]]}, "params": params}
         status, body = self.exchange("POST", self._path, json.dumps(payload).encode(), self.timeout)
         if status >= 500:
             raise ScoringUnavailable(f"the scoring server failed (HTTP {status})")
@@ -94,9 +94,11 @@ class ScoringClient:
                 raise TimeoutError
             return left
 
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self._netloc}\r\nConnection: close\r\n"
-                f"Accept: application/json\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self._netloc}\r\nConnection: close\r\n"
+            f"Accept: application/json\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode("latin-1")
         received = bytearray()
         try:
             with socket.create_connection((self._host, self._port), timeout=min(CONNECT_TIMEOUT, remaining())) as sock:
@@ -130,6 +132,7 @@ def _parse(raw: bytes) -> tuple[int, bytes]:
 
 # --- the output contract ------------------------------------------------------------------------
 
+
 def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -139,16 +142,25 @@ def _probability(value: object) -> bool:
 
 
 def _similar_item(item: object) -> bool:
-    return (isinstance(item, dict) and isinstance(item.get("id"), int) and not isinstance(item["id"], bool)
-            and item["id"] > 0 and isinstance(item.get("path"), str) and isinstance(item.get("label"), str)
-            and _number(item.get("score")))
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("id"), int)
+        and not isinstance(item["id"], bool)
+        and item["id"] > 0
+        and isinstance(item.get("path"), str)
+        and isinstance(item.get("label"), str)
+        and _number(item.get("score"))
+    )
 
 
 def _problem(row: dict, k: int) -> str | None:
     """What breaks the contract in a row without an `error`, or None."""
     probabilities = row["probabilities"]
-    if not isinstance(probabilities, dict) or not probabilities or not all(
-            isinstance(name, str) and _probability(p) for name, p in probabilities.items()):
+    if (
+        not isinstance(probabilities, dict)
+        or not probabilities
+        or not all(isinstance(name, str) and _probability(p) for name, p in probabilities.items())
+    ):
         return "probabilities is not a mapping of labels to numbers in 0..1"
     if not isinstance(row["label"], str) or row["label"] not in probabilities:
         return "label is not one of the model's labels"
@@ -171,8 +183,7 @@ def check_row(row: object, k: int) -> dict:
     (docs/design.md); otherwise ScoringFailed. A row with an `error` text is passed on as it is:
     the model could not read that image."""
     if not isinstance(row, dict) or not all(column in row for column in REQUIRED):
-        raise ScoringFailed("the scoring server's answer is not a row of the model's output "
-                            f"(columns {', '.join(REQUIRED)} expected)")
+        raise ScoringFailed(f"the scoring server's answer is not a row of the model's output (columns {', '.join(REQUIRED)} expected)")
     error = row["error"]
     if error is not None:
         if not isinstance(error, str):

@@ -4,6 +4,7 @@ gunicorn answers a few requests itself, before the page sees them (a malformed r
 headers over the limits of gunicorn.conf.py, an error outside the application): `install()`
 makes those answers carry the same headers and no detail about the request.
 """
+
 from __future__ import annotations
 
 import html
@@ -12,7 +13,7 @@ SECURITY_HEADERS = {
     # No inline script or style anywhere; images come from here, the uploaded one inline (data:)
     # and the preview of the chosen file (blob:).
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
-                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -21,10 +22,14 @@ SECURITY_HEADERS = {
 def error_answer(status: int, reason: str) -> bytes:
     """A complete HTTP answer for gunicorn's own errors: status, security headers, a short page."""
     reason = reason.replace("\r", " ").replace("\n", " ")
-    body = (f"<!doctype html><title>{status} {html.escape(reason)}</title>"
-            f"<h1>{status} {html.escape(reason)}</h1>\n").encode()
-    head = [f"HTTP/1.1 {status} {reason}", "Connection: close", "Content-Type: text/html; charset=utf-8",
-            f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in SECURITY_HEADERS.items())]
+    body = (f"<!doctype html><title>{status} {html.escape(reason)}</title><h1>{status} {html.escape(reason)}</h1>\n").encode()
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "Connection: close",
+        "Content-Type: text/html; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in SECURITY_HEADERS.items()),
+    ]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 

@@ -9,6 +9,7 @@ The one way the project starts, waits for and stops its servers: `make serve`, t
 and the benchmarks all use `scoring_server` / `page_server` (or `start_scoring_server` /
 `start_page_server` to start several at once and wait afterwards).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,7 @@ class Served:
         code = self.process.poll()
         why = f"exited with code {code}" if code is not None else f"did not answer within {timeout:g} s"
         last = last_line(self.log)
-        raise ServerError(f"{self.name} {why}" + (f": {last}" if last else "")
-                          + (f" (log: {self.log})" if self.log else ""))
+        raise ServerError(f"{self.name} {why}" + (f": {last}" if last else "") + (f" (log: {self.log})" if self.log else ""))
 
     def stop(self) -> None:
         stop(self.process)
@@ -87,27 +87,56 @@ def server_env(**extra: str) -> dict:
 def _start(name: str, command: list[str], env: dict, url: str, ready_path: str, log: Path | None) -> Served:
     log_file = log.open("w") if log else None
     # Its own process group: the server and the workers it starts are stopped together.
-    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
-                               stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT if log_file else None
+    )
     return Served(name, url, process, ready_path, log, log_file)
 
 
-def start_scoring_server(model_uri: str, port: int | None = None, host: str = "127.0.0.1",
-                         tracking_uri: str | None = None, workers: int = 1, log: Path | None = None,
-                         timeout: int | None = None) -> Served:
+def start_scoring_server(
+    model_uri: str,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    tracking_uri: str | None = None,
+    workers: int = 1,
+    log: Path | None = None,
+    timeout: int | None = None,
+) -> Served:
     """`mlflow models serve` of `model_uri` on host:port (a free port if None), started, not waited for.
     `timeout`: the server's own limit per request in seconds (mlflow's default: 60)."""
     port = port or free_port(host)
     env = server_env(MLFLOW_TRACKING_URI=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", defaults.TRACKING_URI))
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "-h", host, "-p", str(port),
-               "-w", str(workers), "--env-manager", "local"] + (["-t", str(timeout)] if timeout else [])
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "-w",
+        str(workers),
+        "--env-manager",
+        "local",
+    ] + (["-t", str(timeout)] if timeout else [])
     return _start(f"the scoring server for {model_uri}", command, env, f"http://{host}:{port}", "/ping", log)
 
 
-def start_page_server(scoring_url: str, port: int | None = None, host: str = "127.0.0.1",
-                      db: Path | str | None = None, image_store: Path | str | None = None,
-                      workers: int | None = None, threads: int | None = None, log: Path | None = None,
-                      **config: str) -> Served:
+def start_page_server(
+    scoring_url: str,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    db: Path | str | None = None,
+    image_store: Path | str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    log: Path | None = None,
+    **config: str,
+) -> Served:
     """The page under gunicorn with gunicorn.conf.py, talking to `scoring_url` (base URL or
     .../invocations), started, not waited for. `config`: more of the page's settings (web/app.py)."""
     port = port or free_port(host)
@@ -183,8 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="the page")
     parser.add_argument("--scoring-port", type=int, default=5001)
     parser.add_argument("--workers", type=int, default=1, help="scoring server workers (about 780 MB each)")
-    parser.add_argument("--image-store", default=os.environ.get("IMAGE_STORE", str(defaults.IMAGE_STORE)),
-                        help="where the page reads catalogue images: a folder or s3://bucket/prefix")
+    parser.add_argument(
+        "--image-store",
+        default=os.environ.get("IMAGE_STORE", str(defaults.IMAGE_STORE)),
+        help="where the page reads catalogue images: a folder or s3://bucket/prefix",
+    )
     parser.add_argument("--db", default=os.environ.get("ANIMAL_DB", str(defaults.CATALOGUE)), help="the catalogue")
     parser.add_argument("--wait", type=float, default=300, help="seconds to wait for the scoring server")
     return parser
@@ -193,14 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> str | None:
     """Both servers until Ctrl-C or until one of them stops; the error, if one stopped by itself."""
     with ExitStack() as stack:
-        print(f"starting the scoring server for {args.model} on http://{args.host}:{args.scoring_port} "
-              "(loading the model takes a while)…", flush=True)
-        scoring = stack.enter_context(scoring_server(args.model, args.scoring_port, wait=args.wait, host=args.host,
-                                                     workers=args.workers))
-        page = stack.enter_context(page_server(scoring.url, args.port, host=args.host, db=args.db,
-                                               image_store=args.image_store))
-        print(f"\n  the page:           {page.url}\n  the scoring server: {scoring.url}/invocations\n\n"
-              "Ctrl-C stops both.\n", flush=True)
+        print(
+            f"starting the scoring server for {args.model} on http://{args.host}:{args.scoring_port} (loading the model takes a while)…",
+            flush=True,
+        )
+        scoring = stack.enter_context(scoring_server(args.model, args.scoring_port, wait=args.wait, host=args.host, workers=args.workers))
+        page = stack.enter_context(page_server(scoring.url, args.port, host=args.host, db=args.db, image_store=args.image_store))
+        print(f"\n  the page:           {page.url}\n  the scoring server: {scoring.url}/invocations\n\nCtrl-C stops both.\n", flush=True)
         while scoring.process.poll() is None and page.process.poll() is None:
             time.sleep(0.5)
         stopped = scoring if scoring.process.poll() is not None else page
@@ -220,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         error = serve(args)
     except ServerError as failure:
-        hint = (f" Is there a model at {args.model}? `make run` trains and promotes one."
-                if "scoring" in str(failure) else "")
+        hint = f" Is there a model at {args.model}? `make run` trains and promotes one." if "scoring" in str(failure) else ""
         error = f"{failure}.{hint}"
     except KeyboardInterrupt:
         error = None

@@ -5,6 +5,7 @@ store is (`IMAGE_STORE`), so a tampered catalogue cannot point it at another fol
 anything with `read(key) -> bytes` that raises `NotInStore` for every key it will not serve; the
 local folder is the only kind here, `open_store` is where another kind (s3://) plugs in.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ it is served by the very same `mlflow models serve` as ours, with nothing of our
 Kept deliberately plain; it is the yardstick, not a straw man: no per-request model loading, no
 progress bar, the same uint8 input our network rescales itself.
 """
+
 from __future__ import annotations
 
 import base64
@@ -33,8 +34,13 @@ class NaiveModel(mlflow.pyfunc.PythonModel):
             image = image.resize((self.image_size, self.image_size))
             probabilities = self.model.predict(np.expand_dims(np.array(image), 0), verbose=0)[0]
             best = int(np.argmax(probabilities))
-            rows.append({"label": self.labels[best], "confidence": float(probabilities[best]),
-                         "probabilities": dict(zip(self.labels, map(float, probabilities)))})
+            rows.append(
+                {
+                    "label": self.labels[best],
+                    "confidence": float(probabilities[best]),
+                    "probabilities": dict(zip(self.labels, map(float, probabilities))),
+                }
+            )
         return pd.DataFrame(rows)
 
 
