@@ -30,6 +30,7 @@ from PIL import Image, ImageFile
 from databases import catalogue
 from pyfunc.model import BATCH, MAX_REQUEST_PIXELS, MAX_ROWS
 from pyfunc.preprocess import MAX_PIXELS, ImageError, load_image
+from tests.outputs import assert_same_label, assert_same_neighbours, close
 from web.app import create_app
 
 ORIENTATION = 0x0112
@@ -230,8 +231,11 @@ def test_exif_photo_is_decoded_the_same_in_training_and_serving(model, forward_c
     # Lossless: the rotated PNG with its tag is exactly the upright photo, and is answered the same.
     lossless_upright, lossless_rotated = encode(upright, "PNG"), exif_rotated(upright, "PNG")
     np.testing.assert_array_equal(load_image(lossless_rotated, size), load_image(lossless_upright, size))
-    answers = model.predict(pd.DataFrame({"image": [lossless_upright, lossless_rotated]})).to_dict("records")
-    assert answers[0] == answers[1]
+    upright_answer, rotated_answer = model.predict(pd.DataFrame({"image": [lossless_upright, lossless_rotated]})).to_dict("records")
+    assert_same_label(rotated_answer["label"], upright_answer["label"], upright_answer["probabilities"])
+    for label, p in upright_answer["probabilities"].items():
+        assert rotated_answer["probabilities"][label] == close(p)
+    assert_same_neighbours([item["id"] for item in rotated_answer["similar"]], upright_answer["similar"])
     # And the tag matters: without it, the same pixels are a different picture.
     lying = encode(upright.transpose(Image.Transpose.ROTATE_90), "PNG")
     assert not np.array_equal(load_image(lying, size), load_image(lossless_upright, size))
@@ -252,8 +256,9 @@ def test_model_answers_a_batch_of_1000_rows_in_bounded_batches(model, forward_ca
         if i in bad:
             check_row(row, "not an image")
         else:
-            assert row["label"] == single[i % len(photos)]["label"]
-            assert row["confidence"] == pytest.approx(single[i % len(photos)]["confidence"], abs=1e-5)
+            answer = single[i % len(photos)]
+            assert_same_label(row["label"], answer["label"], answer["probabilities"])
+            assert row["confidence"] == close(answer["confidence"])
     # Memory is bounded: the network never sees more than BATCH images at once.
     sizes = [len(batch) for batch in forward_calls[:-1]]  # the last call is `single`
     assert max(sizes) <= BATCH and sum(sizes) == 1000 - len(bad)

@@ -15,6 +15,7 @@ import pytest
 
 from steps import score as scoring
 from steps.defaults import SCORE_MODEL_URI
+from tests.outputs import TOLERANCE
 from tests.test_score import BAD, check_rows, collection, model  # noqa: F401 (fixtures)
 
 
@@ -52,10 +53,13 @@ def test_spark_gives_the_local_engines_rows(collection, model, spark, tmp_path):
     expected = pq.read_table(tmp_path / "local.parquet").to_pandas()
     assert list(table.columns) == list(expected.columns)
     assert table.path.tolist() == expected.path.tolist()
+    # The model's numbers within float32 tolerance; what follows from them (label, flags, neighbours) is
+    # checked against the pyfunc's own answer by check_rows, where a tie may fall either way.
+    from_the_model = {"label", "uncertain", "unfamiliar", "similar_ids"}
     for name in table.columns:
         if pd.api.types.is_float_dtype(expected[name]):
-            pd.testing.assert_series_equal(table[name], expected[name], atol=1e-6, rtol=0)
-        else:
+            pd.testing.assert_series_equal(table[name], expected[name], atol=TOLERANCE, rtol=0)
+        elif name not in from_the_model:
             assert [_plain(v) for v in table[name]] == [_plain(v) for v in expected[name]], name
     assert on_spark.summary.labels == local.summary.labels
     assert on_spark.summary.errors == local.summary.errors == len(BAD)
