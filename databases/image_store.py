@@ -13,6 +13,7 @@ path, no symlink out of a folder store).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -34,7 +35,7 @@ def is_object_store(root: str | Path) -> bool:
 def safe_key(key: str) -> str | None:
     """The key if it stays inside the store, else None."""
     path = PurePosixPath(key)
-    if not key or "\\" in key or path.is_absolute() or any(part in ("", ".", "..") for part in key.split("/")):
+    if not key or "\\" in key or "\0" in key or path.is_absolute() or any(part in ("", ".", "..") for part in key.split("/")):
         return None
     return path.as_posix()
 
@@ -55,9 +56,12 @@ class FolderStore:
     def _file(self, key: str) -> Path | None:
         if safe_key(key) is None:
             return None
-        file = (self.root / key).resolve()
-        # A symlink inside the store must not reach a file outside it either.
-        return file if file.is_relative_to(self.root) and file.is_file() else None
+        try:
+            file = (self.root / key).resolve()
+            # A symlink inside the store must not reach a file outside it either.
+            return file if file.is_relative_to(self.root) and file.is_file() else None
+        except OSError:  # a name too long for the file system: no such file
+            return None
 
     def read(self, key: str) -> bytes | None:
         file = self._file(key)
@@ -71,11 +75,32 @@ class FolderStore:
             return hashlib.file_digest(handle, "sha256").hexdigest()
 
     def write(self, key: str, data: bytes) -> None:
-        target = self.root / _checked(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, target)  # a killed run never leaves half a file under the real name
+        """Write under the store's root only: every folder of the key is opened without following a
+        link (a symlinked folder in the store is refused, never written through), and the partial
+        file is created anew (O_EXCL | O_NOFOLLOW), so a planted `.<name>.partial` link is removed, not followed."""
+        *folders, name = _checked(key).split("/")
+        self.root.mkdir(parents=True, exist_ok=True)
+        folder = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in folders:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=folder)
+                try:
+                    inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+                except OSError:  # ELOOP: a link; ENOTDIR: a file
+                    raise StoreError(f"cannot write {key} in the image store {self.root}: {part!r} is a link or not a folder") from None
+                os.close(folder)
+                folder = inner
+            partial = f".{name}.partial"
+            with contextlib.suppress(FileNotFoundError):  # a killed run's leftover, or a planted link
+                os.unlink(partial, dir_fd=folder)
+            handle = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+            with os.fdopen(handle, "wb") as file:
+                file.write(data)
+            # A killed run never leaves half a file under the real name; a link there is replaced, not followed.
+            os.replace(partial, name, src_dir_fd=folder, dst_dir_fd=folder)
+        finally:
+            os.close(folder)
 
 
 class ObjectStore:

@@ -176,7 +176,7 @@ def _afhq(source: Path, report: ExtractReport) -> tuple[Iterator[SourceImage], i
         archive = zipfile.ZipFile(source)
         entries = {i.filename: i for i in archive.infolist() if not i.is_dir()}
         size = lambda i: i.file_size  # noqa: E731
-        read = archive.read
+        read = lambda i: _read_member(archive, i)  # noqa: E731
     else:
         raise SourceError(f"source is neither a folder nor a .zip file: {source}")
 
@@ -203,6 +203,16 @@ def _afhq(source: Path, report: ExtractReport) -> tuple[Iterator[SourceImage], i
             yield SourceImage(split, label, filename, data, {})
 
     return images(), len(laid_out), source.name
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """The entry's bytes, decompressed in one bounded read: archive.read() would decompress a member
+    whose header lies about its size (1,000 bytes declared, 1 GiB inside) whole before checking it."""
+    with archive.open(info) as member:
+        data = member.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise OSError(f"larger than {MAX_FILE_BYTES // 2**20} MB")
+    return data
 
 
 def _layout(name: str) -> tuple[str, str, str] | None:
