@@ -89,10 +89,11 @@ def test_bad_rows_are_reported_not_inserted(extracted, break_row, problem):
 
 def test_sql_metacharacters_are_data(extracted):
     image_store, metadata, db = extracted
-    rewrite_csv(metadata, lambda rows: [{**rows[0], "label": "cat'; DROP TABLE images;--"}] + rows[1:])
+    # In `source`, free text (a label outside the known set is refused: test_reliability_batch.py).
+    rewrite_csv(metadata, lambda rows: [{**rows[0], "source": "synthetic'; DROP TABLE images;--"}] + rows[1:])
     populate(metadata, image_store, db)
-    labels = {row[4] for row in rows_of(db)}
-    assert "cat'; DROP TABLE images;--" in labels and len(rows_of(db)) == 12
+    sources = {row[8] for row in rows_of(db)}
+    assert "synthetic'; DROP TABLE images;--" in sources and len(rows_of(db)) == 12
 
 
 def test_catalogue_records_store_root_and_hash(extracted):
