@@ -5,11 +5,15 @@ No scoring model is needed: the fake scoring server of tests/test_reliability_pr
 
 from __future__ import annotations
 
+import http.client
+import socket
 import sqlite3
+import threading
 import time
 
 import pandas as pd
 import pytest
+import requests
 
 from steps import model_card
 from tests.test_reliability_probe import FakeScoring, jpeg, png, row, upload
@@ -169,3 +173,41 @@ def test_a_card_with_odd_values_still_renders(tmp_path):
     client = with_card(create_app({"ANIMAL_DB": str(tmp_path / "none.db")}), facts)
     page = client.get("/model")
     assert page.status_code == 200 and b"data-card-accuracy>n/a<" in page.data
+
+
+# --- 12: slow clients under gunicorn.conf.py --------------------------------------------------------
+
+
+def test_twenty_trickling_clients_leave_the_page_answering(fake, tmp_path):
+    """20 clients trickle their headers forever, each holding one gunicorn thread: under 2 workers x
+    8 threads they held every thread and nothing else was answered, the stalled upload's 408
+    included; 2 x 32 leaves threads free in both workers however the connections are spread."""
+    from tests.test_reliability_probe import trickle_headers
+    from web.serve import page_server
+
+    fake.answer(row())
+    with page_server(fake.url, log=tmp_path / "page.log", UPLOAD_IDLE_TIMEOUT=2, SCORING_TIMEOUT=5) as page:
+        port = int(page.url.rsplit(":", 1)[1])
+        stop, sent = threading.Event(), [[] for _ in range(20)]
+        slow = [threading.Thread(target=trickle_headers, args=(port, stop, s), daemon=True) for s in sent]
+        for thread in slow:
+            thread.start()
+        try:
+            time.sleep(2)  # all connected and trickling
+            stalled = socket.create_connection(("127.0.0.1", port), timeout=30)
+            stalled.sendall(
+                b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                b"Content-Type: multipart/form-data; boundary=B\r\n\r\n--B\r\n"
+            )
+            for _ in range(10):  # a fresh connection each: any worker may take it
+                answer = requests.get(f"{page.url}/healthz", timeout=30, headers={"Connection": "close"})
+                assert answer.json()["ok"] is True
+            assert all(thread.is_alive() for thread in slow) and all(sent)  # still trickling meanwhile
+            response = http.client.HTTPResponse(stalled)
+            response.begin()  # within the 30 s socket timeout: the page ends it after UPLOAD_IDLE_TIMEOUT
+            assert response.status == 408
+            stalled.close()
+        finally:
+            stop.set()
+            for thread in slow:
+                thread.join(timeout=10)
