@@ -5,7 +5,7 @@
 Starts the scoring server (`mlflow models serve --env-manager local`) on the registered Production
 model of ./mlflow.db with its catalogue databases/animal.db (what `make run` makes); without one,
 it first makes a small model of its own in bench/results/load/ (reused by later runs). Then it
-starts the page under gunicorn (gunicorn.conf.py, 2 workers x 8 threads), warms both up, and sends a fixed number
+starts the page under gunicorn (gunicorn.conf.py, 2 workers x 32 threads), warms both up, and sends a fixed number
 of requests from `--concurrency` threads, in turn to: the page's POST /api/predict, the page's
 POST /predict (the HTML result), the page's GET /images/<id>, and the scoring server's
 POST /invocations. Every answer is checked (status and content), not only timed.

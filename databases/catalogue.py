@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -113,10 +115,13 @@ def describe(target: str | Path) -> str:
     return make_url(_driver_url(str(target))).set(drivername="postgresql").render_as_string(hide_password=True)
 
 
-def connect(target: str | Path, readonly: bool = False):
-    """Open the catalogue. Read-only connections never create it or write to it."""
+def connect(target: str | Path, readonly: bool = False, timeout: float | None = None):
+    """Open the catalogue. Read-only connections never create it or write to it. With `timeout`
+    (seconds; the page's per-request connections), no statement runs longer: PostgreSQL's
+    statement_timeout, and on SQLite the busy timeout plus an interrupt once the connection is that
+    old, so a locked or pathologically slow catalogue is an error, not a request that hangs."""
     if is_url(target):
-        return _connect_postgres(str(target), readonly)
+        return _connect_postgres(str(target), readonly, timeout)
     db_path = Path(target)
     if readonly:
         if not db_path.is_file():
@@ -126,7 +131,11 @@ def connect(target: str | Path, readonly: bool = False):
         db_path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(db_path)
         conn.executescript(SCHEMA.read_text())
-    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute(f"PRAGMA busy_timeout = {5000 if timeout is None else int(timeout * 1000)}")
+    if timeout is not None:
+        deadline = time.monotonic() + timeout
+        # Called every 10,000 SQLite VM steps; a non-zero answer interrupts the statement.
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -139,29 +148,33 @@ def _driver_url(url: str) -> str:
     return url
 
 
-_engines: dict[tuple[int, str, bool], Any] = {}
+_engines: dict[tuple[int, str, bool, float | None], Any] = {}
 _engines_lock = threading.Lock()
 
 
-def _engine(url: str, readonly: bool):
-    """One connection pool per process, URL and mode (pools must not cross a fork)."""
+def _engine(url: str, readonly: bool, timeout: float | None = None):
+    """One connection pool per process, URL, mode and time limit (pools must not cross a fork)."""
     from sqlalchemy import create_engine
 
-    key = (os.getpid(), url, readonly)
+    key = (os.getpid(), url, readonly, timeout)
     with _engines_lock:
         if key not in _engines:
-            options = {"connect_timeout": 5, "application_name": "animal-faces"}
-            if readonly:
-                options["options"] = "-c default_transaction_read_only=on"
+            # libpq's connect_timeout is whole seconds (2 at least).
+            options = {"connect_timeout": 5 if timeout is None else max(2, math.ceil(timeout)), "application_name": "animal-faces"}
+            settings = ["-c default_transaction_read_only=on"] if readonly else []
+            if timeout is not None:
+                settings.append(f"-c statement_timeout={int(timeout * 1000)}")
+            if settings:
+                options["options"] = " ".join(settings)
             _engines[key] = create_engine(_driver_url(url), connect_args=options, pool_pre_ping=True, pool_size=4, max_overflow=8)
         return _engines[key]
 
 
-def _connect_postgres(url: str, readonly: bool):
+def _connect_postgres(url: str, readonly: bool, timeout: float | None = None):
     from sqlalchemy import exc, text
 
     try:
-        conn = _engine(url, readonly).connect()
+        conn = _engine(url, readonly, timeout).connect()
     except exc.OperationalError as error:
         raise CatalogueUnreachable(
             f"the catalogue database {describe(url)} is unreachable ({_reason(error)}): start it "

@@ -22,7 +22,7 @@ from steps import defaults
 from steps.backbones import IMAGENET, NO_WEIGHTS
 from steps.defaults import ALIAS, MODEL_NAME
 from steps.register import register
-from steps.tracking import start_run
+from steps.tracking import followed, start_run
 from steps.train import MODEL_TAG, add_hyperparameter_flags, hyperparameters_from
 from team.preflight import one_line_errors
 
@@ -33,7 +33,7 @@ def run_step(entry_point: str, parameters: dict) -> mlflow.entities.Run:
     """Run one MLproject entry point synchronously (a nested run) and return its finished run."""
     print(f"\n=== {entry_point} ===", flush=True)
     submitted = mlflow.projects.run(PROJECT, entry_point, parameters=parameters, env_manager="local", synchronous=True)
-    return MlflowClient().get_run(submitted.run_id)
+    return MlflowClient().get_run(followed(submitted.run_id))  # the step may have left Default (steps/tracking.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from databases import catalogue
-from steps import backbones, defaults, train
+from steps import backbones, defaults, tracking, train
 from steps.register import ALIAS, MODEL_NAME, Promotion, register
 from team.preflight import one_line_errors
 
@@ -258,6 +258,7 @@ def tune(
     if network.backbone != backbones.CNN:  # a missing weights file stops us here, before any work
         backbones.weights_file(network.backbone, network.weights)
     # Inside `mlflow run`, the run it made for this command; the search's parent run may be another.
+    tracking.leave_default_experiment("tune")  # as every step: animal-faces unless told otherwise
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
     keras.utils.set_random_seed(seed)
     data = train.load_data(db_path, image_size)

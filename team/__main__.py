@@ -1,11 +1,15 @@
 """`python -m team up|down|status|upgrade`: the team layout on this machine (make team-up / team-down).
 
 upgrade: after installing a newer MLflow, stop the tracking server, `mlflow db upgrade` its database,
-start it again (back up first: docs/team.md)."""
+start it again (back up first: docs/team.md).
+
+`up` keeps the host and ports it used in <home>/settings.json; every later action (status, down,
+upgrade, up again) uses them unless told otherwise on its command line."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,11 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m team", description=__doc__)
     parser.add_argument("action", choices=("up", "down", "status", "upgrade"))
     parser.add_argument("--home", type=Path, default=defaults.TEAM_DIR, help="the cluster's data, artifacts and logs")
+    # None: what the last `up` used (<home>/settings.json), else the default.
     parser.add_argument(
-        "--host", default=defaults.TEAM_HOST, help="where PostgreSQL and the tracking server listen (0.0.0.0: other machines too)"
+        "--host", default=None, help=f"where PostgreSQL and the tracking server listen ({defaults.TEAM_HOST}; 0.0.0.0: other machines too)"
     )
-    parser.add_argument("--postgres-port", type=int, default=defaults.TEAM_POSTGRES_PORT)
-    parser.add_argument("--port", type=int, default=defaults.TEAM_TRACKING_PORT, help="the tracking server's")
+    parser.add_argument("--postgres-port", type=int, default=None, help=f"default {defaults.TEAM_POSTGRES_PORT}")
+    parser.add_argument("--port", type=int, default=None, help=f"the tracking server's (default {defaults.TEAM_TRACKING_PORT})")
     parser.add_argument(
         "--artifacts", default=None, help="where the server keeps artifacts: a folder (default <home>/artifacts) or s3://bucket/prefix"
     )
@@ -32,12 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SETTINGS = "settings.json"  # in the team folder: where the last `up` listened
+
+
+def layout_from(args: argparse.Namespace) -> Layout:
+    """The command line's host and ports, else the team folder's settings, else the defaults."""
+    try:
+        saved = json.loads((args.home / SETTINGS).read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    host = args.host or saved.get("host") or defaults.TEAM_HOST
+    postgres_port = args.postgres_port or saved.get("postgres_port") or defaults.TEAM_POSTGRES_PORT
+    return Layout(args.home, host, int(postgres_port), int(args.port or saved.get("tracking_port") or defaults.TEAM_TRACKING_PORT))
+
+
+def save_settings(layout: Layout) -> None:
+    settings = {"host": layout.host, "postgres_port": layout.postgres_port, "tracking_port": layout.tracking_port}
+    (layout.home / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    layout = Layout(args.home, args.host, args.postgres_port, args.port)
+    layout = layout_from(args)
     try:
         if args.action == "up":
             up(layout, args.artifacts, args.allowed_hosts, args.workers)
+            save_settings(layout)
             env_file = layout.home / "team.env"
             env_file.touch(mode=0o600)  # it holds the database password
             env_file.write_text(exports(layout))
@@ -55,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print("team: stopped")
         else:
             print(
-                f"PostgreSQL: {'running' if postgres_running(layout) else 'stopped'}; tracking server "
+                f"PostgreSQL: {'running' if postgres_running(layout) else 'stopped'} (port {layout.postgres_port}); tracking server "
                 f"{layout.tracking_uri()}: {'answers' if tracking_server_answers(layout.tracking_uri()) else 'down'}"
             )
     except TeamError as error:

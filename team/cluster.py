@@ -15,6 +15,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,11 +196,58 @@ def postgres_running(layout: Layout) -> bool:
     return subprocess.run(command, capture_output=True, check=False).returncode == 0
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (binding it fails)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT left by a stopped server is not "in use"
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def running_port(layout: Layout) -> int | None:
+    """The port the cluster's running postmaster listens on (line 4 of postmaster.pid), if known."""
+    try:
+        return int((layout.data / "postmaster.pid").read_text().splitlines()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def start_postgres(layout: Layout) -> None:
-    init_postgres(layout)
-    if not postgres_running(layout):
+    if postgres_running(layout):
+        port = running_port(layout)
+        if port is not None and port != layout.postgres_port:
+            raise TeamError(
+                f"PostgreSQL of {layout.home} is already running on port {port}, not {layout.postgres_port}: "
+                f"stop it first (make team-down), then make team-up TEAM_ARGS='--postgres-port {layout.postgres_port}'"
+            )
+    else:
+        if port_in_use(layout.host, layout.postgres_port):
+            # pg_ctl would only say "Examine the log output".
+            raise TeamError(
+                f"port {layout.postgres_port} on {layout.host} is in use (another PostgreSQL?): choose a free one, "
+                f"e.g. make team-up TEAM_ARGS='--postgres-port {layout.postgres_port + 1}'"
+            )
+        init_postgres(layout)
+        # -p on the command line wins over the port written into postgresql.conf when the cluster
+        # was created, so --postgres-port is honoured by a cluster that already exists.
         _run(
-            [postgres_bin("pg_ctl"), "start", "-D", str(layout.data), "-l", str(layout.postgres_dir / "postgres.log"), "-w", "-t", "60"],
+            [
+                postgres_bin("pg_ctl"),
+                "start",
+                "-D",
+                str(layout.data),
+                "-l",
+                str(layout.postgres_dir / "postgres.log"),
+                "-o",
+                f"-p {layout.postgres_port}",
+                "-w",
+                "-t",
+                "60",
+            ],
             f"starting PostgreSQL (log: {layout.postgres_dir / 'postgres.log'})",
         )
     _create_databases(layout)
@@ -231,6 +279,11 @@ def start_tracking_server(
     or s3://bucket/prefix). Returns the process it started, or None if one was already answering."""
     if tracking_server_answers(layout.tracking_uri()):
         return None
+    if port_in_use(layout.host, layout.tracking_port):
+        raise TeamError(
+            f"port {layout.tracking_port} on {layout.host} is in use by something that is not an MLflow tracking server: "
+            f"choose a free one, e.g. make team-up TEAM_ARGS='--port {layout.tracking_port + 1}'"
+        )
     if not artifacts.startswith("s3://"):
         artifacts = str(Path(artifacts).resolve())
         Path(artifacts).mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from flask import Flask, Request, Response, abort, current_app, jsonify, render_template, request, send_file
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
+from werkzeug.routing import IntegerConverter
 
 from databases import catalogue
 from databases.image_store import StoreError
@@ -41,6 +42,7 @@ DEFAULTS = {
     "UPLOAD_IDLE_TIMEOUT": 20,  # under gunicorn: seconds an upload may stall before a 408
     "SIMILAR_K": 6,  # similar images asked for: two rows of three on the page
     "THRESHOLD": None,  # below this confidence the page says "uncertain"; None: the model's default
+    "CATALOGUE_TIMEOUT": 2,  # seconds a catalogue read may take (a locked or slow catalogue: 503, not a hung page)
 }
 # Catalogue images never change under their id (rows are keyed by content hash): cache them a day.
 IMAGE_MAX_AGE = 86400
@@ -59,6 +61,13 @@ class Services:
     lock: threading.Lock
 
 
+class CatalogueId(IntegerConverter):
+    """Catalogue ids in URLs: ASCII digits only. werkzeug's `int` matches `\\d`, which takes any
+    Unicode digit (`/images/١` would be image 1): one image, one URL."""
+
+    regex = r"[0-9]+"
+
+
 class InMemoryRequest(Request):
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         # Uploads never touch the disk (werkzeug spools files over 500 KB to a temporary file);
@@ -73,7 +82,7 @@ def load_config(overrides: dict | None = None) -> dict:
     """Defaults, then the environment, then `overrides` (tests, launchers); checked once, here."""
     config = {key: os.environ.get(key, default) for key, default in DEFAULTS.items()}
     config.update(overrides or {})
-    for key in ("MAX_UPLOAD_MB", "SCORING_TIMEOUT", "UPLOAD_IDLE_TIMEOUT"):
+    for key in ("MAX_UPLOAD_MB", "SCORING_TIMEOUT", "UPLOAD_IDLE_TIMEOUT", "CATALOGUE_TIMEOUT"):
         config[key] = float(config[key])
     config["SIMILAR_K"] = int(config["SIMILAR_K"])
     config["THRESHOLD"] = None if config["THRESHOLD"] in (None, "") else float(config["THRESHOLD"])
@@ -82,8 +91,8 @@ def load_config(overrides: dict | None = None) -> dict:
         raise ValueError(f"SIMILAR_K must be in 0..100, not {config['SIMILAR_K']}")
     if config["THRESHOLD"] is not None and not 0 <= config["THRESHOLD"] <= 1:
         raise ValueError(f"THRESHOLD must be in 0..1, not {config['THRESHOLD']}")
-    if config["SCORING_TIMEOUT"] <= 0 or config["UPLOAD_IDLE_TIMEOUT"] <= 0:
-        raise ValueError("SCORING_TIMEOUT and UPLOAD_IDLE_TIMEOUT must be positive")
+    if config["SCORING_TIMEOUT"] <= 0 or config["UPLOAD_IDLE_TIMEOUT"] <= 0 or config["CATALOGUE_TIMEOUT"] <= 0:
+        raise ValueError("SCORING_TIMEOUT, UPLOAD_IDLE_TIMEOUT and CATALOGUE_TIMEOUT must be positive")
     # Flask refuses bigger request bodies with 413 before reading them.
     config["MAX_CONTENT_LENGTH"] = int(config["MAX_UPLOAD_MB"] * 1024 * 1024)
     return config
@@ -92,6 +101,7 @@ def load_config(overrides: dict | None = None) -> dict:
 def create_app(config: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.request_class = InMemoryRequest
+    app.url_map.converters["id"] = CatalogueId
     app.config.update(load_config(config))
     app.json.sort_keys = False  # /api/predict keeps the model's column order
     app.extensions["animal"] = Services(
@@ -121,9 +131,10 @@ def add_routes(app: Flask) -> None:
     app.add_url_rule("/", "index", index, methods=["GET"])
     app.add_url_rule("/predict", "predict_page", predict_page, methods=["POST"])
     app.add_url_rule("/api/predict", "predict_api", predict_api, methods=["POST"])
-    app.add_url_rule("/images/<int:image_id>", "image", image, methods=["GET"])
+    app.add_url_rule("/images/<id:image_id>", "image", image, methods=["GET"])
     app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
     app.add_url_rule("/api/model", "model_api", model_api, methods=["GET"])
+    app.add_url_rule("/model", "model_page", model_page, methods=["GET"])
 
 
 def index() -> str:
@@ -154,6 +165,14 @@ def model_api() -> Response:
     if facts is None:
         abort(503, description=f"The model card is not available: {problem}.")
     return jsonify(facts)
+
+
+def model_page() -> str:
+    """The same card as a page a person reads (the footer links here; the JSON stays at /api/model)."""
+    facts, problem = current_app.extensions["model_info"].facts()
+    if facts is None:
+        abort(503, description=f"The model card is not available: {problem}.")
+    return render_template("model.html", card=facts)
 
 
 def image(image_id: int) -> Response:
@@ -228,7 +247,7 @@ def predict(upload: bytes) -> dict:
 
 def open_catalogue() -> sqlite3.Connection:
     try:
-        return catalogue.connect(current_app.config["ANIMAL_DB"], readonly=True)
+        return catalogue.connect(current_app.config["ANIMAL_DB"], readonly=True, timeout=current_app.config["CATALOGUE_TIMEOUT"])
     except catalogue.DATABASE_ERRORS as error:  # SQLite or PostgreSQL: missing, down, damaged
         log.warning("catalogue unavailable: %s", error)
         abort(503, description="The image catalogue is not available.")
@@ -266,7 +285,7 @@ def catalogue_key(image_id: int) -> object:
 
 def catalogue_readable() -> bool:
     try:
-        conn = catalogue.connect(current_app.config["ANIMAL_DB"], readonly=True)
+        conn = catalogue.connect(current_app.config["ANIMAL_DB"], readonly=True, timeout=current_app.config["CATALOGUE_TIMEOUT"])
     except catalogue.DATABASE_ERRORS:
         return False
     try:
