@@ -53,7 +53,7 @@ print(json.dumps({"rows": json.loads(rows.to_json(orient="records")), "score": c
 def files(pipeline) -> list[Path]:
     """Validation images of the catalogue, and real 512 px photos when the shared sample is there."""
     found = sorted(pipeline.image_store.glob("val/*/*.jpg"))[:6]
-    return found + (sorted(SHARED_SAMPLE.glob("*.jpg"))[:3] if SHARED_SAMPLE.is_dir() else [])
+    return found + (sorted(SHARED_SAMPLE.rglob("*.jpg"))[:3] if SHARED_SAMPLE.is_dir() else [])
 
 
 @pytest.fixture(scope="module")
