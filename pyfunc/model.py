@@ -1,8 +1,14 @@
-"""The served model `animal`: preprocessing + Keras CNN + recommender, as one MLflow pyfunc.
+"""The served model `animal`: preprocessing + the network on ONNX Runtime + recommender, as one
+MLflow pyfunc.
 
 Input: a DataFrame with a column `image` (base64 text or raw bytes of an image file).
 Output: one row per image with label, confidence, probabilities, uncertain, similar, error,
 unfamiliar and familiarity. The contract is in docs/design.md ("The served model").
+
+Serving imports neither TensorFlow nor Keras: the network runs from the ONNX graph logged beside
+the Keras model (pyfunc/onnx_export.py made and checked it at logging). Models logged before the
+ONNX graph existed, or any model with ANIMAL_RUNTIME=keras, run the Keras model instead (TensorFlow
+imported then, and only then).
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ BATCH = 256  # images per forward pass: bounds memory for large requests
 # up front (docs/reliability.md has the measured times); batch work goes to `score`.
 MAX_ROWS = 1000
 MAX_REQUEST_PIXELS = 200_000_000
+# "keras": run the Keras model even where an ONNX graph was logged (the bench's side-by-side).
+RUNTIME_VARIABLE = "ANIMAL_RUNTIME"
+# ONNX Runtime's intra-op threads (default: the cores this process may run on).
+THREADS_VARIABLE = "ANIMAL_ONNX_THREADS"
 OUTPUT_COLUMNS = ["label", "confidence", "probabilities", "uncertain", "similar", "error", "unfamiliar", "familiarity"]
 
 
@@ -71,26 +81,57 @@ def with_embedding(classifier, taps: list[str] | tuple[str, ...] = ()):
     return keras.Model(classifier.inputs, [classifier.outputs[0], *outputs])
 
 
+def session_options():
+    """One intra-op pool per process, sized to the cores it may use (or ANIMAL_ONNX_THREADS), and
+    no inter-op pool: a graph of one chain of layers has nothing to run beside itself. Concurrent
+    `predict` calls (score's threads, the server's) share the session's one pool. Idle pool threads
+    sleep instead of spinning, so that they leave the cores to the threads that decode images
+    beside them (score, the server's other requests)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    options.intra_op_num_threads = int(os.environ.get(THREADS_VARIABLE) or cores)
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class AnimalModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import keras
-        import tensorflow as tf
-
         config = json.loads(Path(context.artifacts["config"]).read_text())
         self.labels: list[str] = config["labels"]
         self.image_size: int = config["image_size"]
         self.max_pixels: int = config.get("max_pixels", MAX_PIXELS)
-        classifier = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.familiarity = Familiarity.load(context.artifacts["familiarity"])
-        self.network = with_embedding(classifier, config["familiarity"]["layers"])
+        if "onnx_model" in context.artifacts and os.environ.get(RUNTIME_VARIABLE, "onnx").lower() != "keras":
+            self._forward = self._onnx_forward(context.artifacts["onnx_model"], config["onnx"])
+        else:
+            self._forward = self._keras_forward(context.artifacts["keras_model"], config["familiarity"]["layers"])
+        self._forward(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # first-call set-up now, not in a request
+        self.recommender = Recommender(context.artifacts["recommender"])
+
+    def _onnx_forward(self, path: str, onnx: dict):
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
+        outputs, feed = onnx["outputs"], onnx["input"]
+        self.runtime = f"onnxruntime {onnxruntime.__version__}"
+        return lambda images: session.run(outputs, {feed: images})
+
+    def _keras_forward(self, path: str, taps: list[str]):
+        import keras
+        import tensorflow as tf
+
+        network = with_embedding(keras.models.load_model(path, compile=False), taps)
+        self.runtime = f"tensorflow {tf.__version__}"
         # One traced graph for every batch size: an eager Keras call pays Python dispatch for each
         # layer, several times the cost of the arithmetic for one small image (bench/serving.py).
-        self._forward = tf.function(
-            lambda images: self.network(images, training=False),
+        return tf.function(
+            lambda images: network(images, training=False),
             input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)],
         )
-        self._forward(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace now, not in a request
-        self.recommender = Recommender(context.artifacts["recommender"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         k, threshold = _read_params(params or {})
@@ -160,9 +201,14 @@ def _read_params(params: dict) -> tuple[int, float]:
     return k, threshold
 
 
-def pip_requirements() -> list[str]:
-    """What the served model needs, pinned to what trained it (inference misses pillow and keras)."""
-    packages = ["mlflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow"]
+INFERENCE_PACKAGES = ["mlflow", "onnxruntime", "numpy", "pandas", "pillow"]
+KERAS_PACKAGES = ["mlflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow"]
+
+
+def pip_requirements(packages: list[str] = INFERENCE_PACKAGES) -> list[str]:
+    """What the served model needs, pinned to what trained it (MLflow's inference of them misses
+    pillow and onnxruntime). Inference only: the network runs on ONNX Runtime, so serving, `score`
+    and Spark's workers install no TensorFlow. KERAS_PACKAGES: for a model served through Keras."""
     return [f"{name}=={version(name)}" for name in packages]
 
 
@@ -175,16 +221,23 @@ def log_animal_model(
     workdir: Path,
     familiarity: Familiarity,
     familiarity_layers: list[str],
+    check_images: np.ndarray,
     name: str = "model",
 ):
     """Log the pyfunc `animal` model in the active run; returns MLflow's ModelInfo.
 
-    `familiarity` was fitted on the pooled activations of `familiarity_layers` (with_embedding's taps)."""
+    `familiarity` was fitted on the pooled activations of `familiarity_layers` (with_embedding's taps).
+    The network is exported to ONNX and compared with Keras on `check_images` (validation images,
+    uint8, as load_image makes them): beyond the tolerance, ExportMismatch and nothing is logged."""
     import base64
+
+    from pyfunc.onnx_export import INPUT_NAME, export_checked
 
     workdir.mkdir(parents=True, exist_ok=True)
     keras_path = workdir / "classifier.keras"
     classifier.save(keras_path)
+    onnx_path = workdir / "network.onnx"
+    outputs, difference = export_checked(with_embedding(classifier, familiarity_layers), image_size, onnx_path, check_images)
     config_path = workdir / "config.json"
     familiarity_path = workdir / "familiarity.npz"
     familiarity.save(familiarity_path)
@@ -200,6 +253,8 @@ def log_animal_model(
                     "threshold": familiarity.threshold,
                     "flag_share": familiarity.flag_share,
                 },
+                # The graph's outputs in with_embedding's order: probabilities, embedding, taps.
+                "onnx": {"input": INPUT_NAME, "outputs": outputs, "checked_difference": difference},
             },
             indent=2,
         )
@@ -209,6 +264,7 @@ def log_animal_model(
         python_model=AnimalModel(),
         artifacts={
             "keras_model": str(keras_path),
+            "onnx_model": str(onnx_path),
             "config": str(config_path),
             "recommender": str(gallery_db),
             "familiarity": str(familiarity_path),

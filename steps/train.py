@@ -374,7 +374,8 @@ def log_training(
         gallery = Path(workdir) / "gallery.db"
         write_gallery(data, np.concatenate([train_out[1], val_out[1]]), gallery)
         example = read_location(data.frame[data.frame.split == "val"].file.iloc[0])
-        info = log_animal_model(model, data.labels, image_size, gallery, example, Path(workdir), familiarity, taps)
+        check = next(data.val_images.batch(256).as_numpy_iterator())  # the ONNX export is compared with Keras on these
+        info = log_animal_model(model, data.labels, image_size, gallery, example, Path(workdir), familiarity, taps, check)
     mlflow.set_tag(MODEL_TAG, info.model_uri)
     return accuracy, info.model_uri
 

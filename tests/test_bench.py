@@ -59,3 +59,14 @@ def test_accuracy_report(model_args, capsys):
     out = capsys.readouterr().out
     assert "Validation split" in out and "| cat |" in out
     assert ("Real AFHQ photos" in out) == SHARED_SAMPLE.is_dir()
+
+
+def test_onnx_runtime_and_tensorflow_side_by_side(pipeline, model_args, capsys):
+    from bench import onnx_runtime
+
+    # A real 512 px photo when the shared sample is there; any catalogue image does for a smoke test.
+    photos = sorted(SHARED_SAMPLE.rglob("*.jpg")) if SHARED_SAMPLE.is_dir() else []
+    photo = photos[0] if photos else next(pipeline.image_store.rglob("*.jpg"))
+    assert onnx_runtime.main([*model_args[:2], "--photo", str(photo), "--requests", "4", "--levels", "1,2", "--score", ""]) == 0
+    out = capsys.readouterr().out
+    assert "| ONNX Runtime |" in out and "| TensorFlow (Keras path) |" in out

@@ -9,7 +9,7 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from pyfunc.model import pip_requirements
+from pyfunc.model import KERAS_PACKAGES, pip_requirements
 
 MODEL_FILE = Path(__file__).with_name("naive_model.py")
 
@@ -24,7 +24,7 @@ def save_baseline(animal_model_uri: str, path: Path) -> Path:
             path=str(path),
             python_model=str(MODEL_FILE),
             artifacts=artifacts,
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(KERAS_PACKAGES),  # the naive way runs Keras
             # The same input schema as ours, so the server parses and checks requests the same way.
             signature=ModelSignature(inputs=Schema([ColSpec("string", "image")])),
         )
