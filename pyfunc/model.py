@@ -21,7 +21,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
-from pyfunc.familiarity import Familiarity, pooled
+from pyfunc.familiarity import Familiarity
 from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image, request_problem
 from pyfunc.recommender import Recommender
 
@@ -116,7 +116,7 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(arrays), BATCH):
             batch = np.stack(arrays[start : start + BATCH])
             probabilities, embeddings, *taps = (np.asarray(t) for t in self._forward(batch))
-            familiarity = self.familiarity.scores(pooled(taps))
+            familiarity = self.familiarity.scores(self.familiarity.features(taps))
             for index, p, e, f in zip(readable[start : start + BATCH], probabilities, embeddings, familiarity):
                 rows[index] = self._answer(p, e, f, k, threshold)
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)

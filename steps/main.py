@@ -18,9 +18,9 @@ from mlflow import MlflowClient
 
 from databases import catalogue
 from databases.image_store import absolute
-from steps import defaults
+from steps import backbones, defaults
 from steps.backbones import IMAGENET, NO_WEIGHTS
-from steps.defaults import ALIAS, MODEL_NAME
+from steps.defaults import ALIAS, MODEL_NAME, Hyperparameters
 from steps.register import register
 from steps.tracking import start_run
 from steps.train import MODEL_TAG, add_hyperparameter_flags, hyperparameters_from
@@ -29,10 +29,17 @@ from team.preflight import one_line_errors
 PROJECT = str(Path(__file__).resolve().parents[1])
 
 
+class StepFailed(RuntimeError):
+    """A step's process ended with an error, which it has printed."""
+
+
 def run_step(entry_point: str, parameters: dict) -> mlflow.entities.Run:
     """Run one MLproject entry point synchronously (a nested run) and return its finished run."""
     print(f"\n=== {entry_point} ===", flush=True)
-    submitted = mlflow.projects.run(PROJECT, entry_point, parameters=parameters, env_manager="local", synchronous=True)
+    try:
+        submitted = mlflow.projects.run(PROJECT, entry_point, parameters=parameters, env_manager="local", synchronous=True)
+    except mlflow.projects.ExecutionException:  # the step printed its own error: no traceback over it
+        raise StepFailed(f"the {entry_point} step failed (its error is above)") from None
     return MlflowClient().get_run(submitted.run_id)
 
 
@@ -77,7 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     hp = hyperparameters_from(args)
     if hp.weights not in (IMAGENET, NO_WEIGHTS):  # a weights file: train runs in the project folder
         hp = replace(hp, weights=str(Path(hp.weights).resolve()))
+    try:
+        if hp.backbone != backbones.CNN:  # missing weights: one line now, not after extracting everything
+            backbones.weights_file(hp.backbone, hp.weights, hp.head)
+        return pipeline(args, hp, metadata, image_store, db, started)
+    except (ValueError, StepFailed) as error:  # WeightsUnavailable is a ValueError
+        print(f"main: error: {error}", file=sys.stderr)
+        return 2
 
+
+def pipeline(args: argparse.Namespace, hp: Hyperparameters, metadata: Path, image_store: str | Path, db: Path | str, started: float) -> int:
+    """The steps, each a child run of one `main` run; then the summary."""
     with start_run("main") as parent:
         run_step(
             "extract",
