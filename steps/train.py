@@ -509,7 +509,7 @@ def write_gallery(data: Data, embeddings: np.ndarray, gallery: Path) -> None:
     from pyfunc.recommender import write_gallery as write
 
     ordered = pd.concat([data.frame[data.frame.split == "train"], data.frame[data.frame.split == "val"]])
-    write(gallery, ordered.id, ordered.path, ordered.label, embeddings)
+    write(gallery, ordered.id, ordered.path, ordered.label, embeddings, ordered.sha256)
 
 
 def confusion_figure(matrix: np.ndarray, labels: list[str]) -> plt.Figure:
@@ -581,6 +581,7 @@ def train(
 ) -> tuple[str, float, str]:
     """Train and log one model; returns (run id, validation accuracy, model URI)."""
     hp = hp or Hyperparameters()
+    backbones.check(hp.backbone, hp.weights, hp.head)  # head=imagenet on the CNN, say, stops here
     if hp.backbone != backbones.CNN:  # a missing weights file stops us here, before any work
         backbones.weights_file(hp.backbone, hp.weights, hp.head)
     keras.utils.set_random_seed(seed)
