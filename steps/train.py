@@ -257,9 +257,10 @@ def pretrained(hp: Hyperparameters, image_size: int, labels: list[str]) -> keras
     return keras.Model(inputs, outputs, name=f"animal_{hp.backbone}")
 
 
-def head(features, hp: Hyperparameters, labels: list[str], classifier: list[np.ndarray] | None = None):
-    """The classification head on pooled features. `classifier`: ImageNet's [kernel, bias], the
-    start of head=imagenet (None: its weights are set afterwards, as copy_head does)."""
+def head(features, hp: Hyperparameters, labels: list[str] | int, classifier: list[np.ndarray] | None = None):
+    """The classification head on pooled features, for `labels` (or that many classes: head=new).
+    `classifier`: ImageNet's [kernel, bias], the start of head=imagenet (None: its weights are set
+    afterwards, as fit_head does)."""
     if hp.head == backbones.IMAGENET_HEAD:
         members = imagenet_groups.members(labels)
         # The pooled features themselves are the embedding: ImageNet's, what similar images compare.
@@ -271,7 +272,7 @@ def head(features, hp: Hyperparameters, labels: list[str], classifier: list[np.n
         if classifier is not None:
             animals.set_weights([classifier[0][:, members], classifier[1][members]])
         return probabilities
-    n_classes = len(labels)
+    n_classes = labels if isinstance(labels, int) else len(labels)
     x = keras.layers.Dropout(hp.dropout)(features)
     x = keras.layers.Dense(hp.dense_units, activation="relu", name=EMBEDDING_LAYER)(x)
     x = keras.layers.Dropout(hp.dropout)(x)
