@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install install-test browser java postgres run serve load lint test clean team-up team-down
+.PHONY: install install-test browser java postgres run real-photos serve load lint test clean team-up team-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ team-down:  ## stop what team-up started (the data stay in .team/)
 
 run: install  ## the whole pipeline on the synthetic default
 	mlflow run . --env-manager local --experiment-name animal-faces
+
+# The model for real photos (docs/real-photos.md): ImageNet's MobileNetV2, its classifier pooled over
+# cat/dog/wild, registered untrained (EPOCHS=0) or trained on SOURCE's photos. Its own catalogue.
+SOURCE  ?= data/afhq.zip
+WEIGHTS ?= imagenet
+EPOCHS  ?= 0
+real-photos: install  ## e.g. make real-photos SOURCE=/path/to/afhq.zip WEIGHTS=/path/to/mobilenet_v2.weights.h5
+	mlflow run . --env-manager local --experiment-name animal-faces -P source=$(SOURCE) -P backbone=mobilenet_v2 \
+	  -P weights=$(WEIGHTS) -P head=imagenet -P image_size=224 -P epochs=$(EPOCHS)
 
 serve: install  ## the scoring server (:5001) and the upload page (http://127.0.0.1:8000) on the Production model
 	$(BIN)/python -m web.serve

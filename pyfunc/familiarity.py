@@ -17,6 +17,12 @@ samples and adversarial attacks"):
   image is `unfamiliar` when its familiarity is below FLAG_SHARE, i.e. when it is farther than 95%
   of the validation images.
 
+A model that kept ImageNet's classifier (`head=imagenet`) has a better signal of its own, signal
+"mass": the distance is 1 minus the probability ImageNet's softmax puts on the cat, dog and wild
+classes (the network's `animal_mass` output), calibrated on validation the same way. Measured on
+real photos, photos of other things and drawings (docs/real-photos.md), it separates them where the
+Mahalanobis distance, fitted on a few training photos, cannot.
+
 Only numpy is needed to score: the served model loads the fitted statistics from one .npz file.
 """
 
@@ -28,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 FLAG_SHARE = 0.05  # of validation images flagged: the false-alarm rate on data like the training data
+MAHALANOBIS, MASS = "mahalanobis", "mass"  # the two signals
 # A validation image scored again (one image at a time, not in a batch of 256) comes out up to about
 # 1e-6 farther: within this relative margin a distance counts as equal to a validation one, so that
 # no validation image is flagged by rounding.
@@ -53,6 +60,17 @@ class Familiarity:
     whitening: np.ndarray  # (features, features): L with L @ L.T = the inverse of the shared covariance
     reference: np.ndarray  # the validation images' distances, sorted
     flag_share: float = FLAG_SHARE
+    signal: str = MAHALANOBIS
+
+    @classmethod
+    def fit_mass(cls, validation_mass: np.ndarray, flag_share: float) -> Familiarity:
+        """Signal "mass": calibrated on the validation images' mass on the animal classes."""
+        empty = np.zeros((0, 0), np.float32)
+        return cls(empty, empty, np.sort(1.0 - np.asarray(validation_mass, np.float64).reshape(-1)), flag_share, MASS)
+
+    def features(self, taps: list[np.ndarray]) -> np.ndarray:
+        """The network's familiarity outputs (with_embedding's taps) -> what `scores` takes."""
+        return np.asarray(taps[0], np.float64).reshape(-1) if self.signal == MASS else pooled(taps)
 
     @classmethod
     def fit(cls, train: np.ndarray, labels: np.ndarray, validation: np.ndarray, flag_share: float = FLAG_SHARE) -> Familiarity:
@@ -76,7 +94,10 @@ class Familiarity:
         return cls(means, whitening, np.sort(unfitted.distances(validation)), flag_share)
 
     def distances(self, features: np.ndarray) -> np.ndarray:
-        """Smallest squared Mahalanobis distance to a class mean, per row of pooled features."""
+        """Smallest squared Mahalanobis distance to a class mean, per row of pooled features
+        (signal "mass": 1 - the mass on the animal classes)."""
+        if self.signal == MASS:
+            return 1.0 - np.asarray(features, np.float64).reshape(-1)
         whitened = np.asarray(features, dtype=np.float32) @ self.whitening
         best = np.full(len(whitened), np.inf)
         for mean in self.means:
@@ -103,9 +124,17 @@ class Familiarity:
         return float(self.reference[index])
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, means=self.means, whitening=self.whitening, reference=self.reference, flag_share=np.float64(self.flag_share))
+        np.savez(
+            path,
+            means=self.means,
+            whitening=self.whitening,
+            reference=self.reference,
+            flag_share=np.float64(self.flag_share),
+            signal=np.str_(self.signal),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Familiarity:
         with np.load(path) as stored:
-            return cls(stored["means"], stored["whitening"], stored["reference"], float(stored["flag_share"]))
+            signal = str(stored["signal"]) if "signal" in stored.files else MAHALANOBIS  # older models: no signal stored
+            return cls(stored["means"], stored["whitening"], stored["reference"], float(stored["flag_share"]), signal)

@@ -13,6 +13,7 @@ imported then, and only then).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from importlib.metadata import version
@@ -27,7 +28,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
-from pyfunc.familiarity import Familiarity, pooled
+from pyfunc.familiarity import Familiarity
 from pyfunc.preprocess import MAX_PIXELS, ImageError, decode_payload, load_image, request_problem
 from pyfunc.recommender import Recommender
 
@@ -147,9 +148,12 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
         rows: list[dict] = []
         arrays: list[np.ndarray] = []
         readable: list[int] = []
+        digests: list[str] = []  # of each readable input's bytes: its similar images leave it out
         for value in model_input["image"]:
             try:
-                arrays.append(load_image(decode_payload(value), self.image_size, self.max_pixels))
+                payload = decode_payload(value)
+                arrays.append(load_image(payload, self.image_size, self.max_pixels))
+                digests.append(hashlib.sha256(payload).hexdigest())
                 readable.append(len(rows))
                 rows.append({})
             except ImageError as error:
@@ -157,12 +161,16 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(arrays), BATCH):
             batch = np.stack(arrays[start : start + BATCH])
             probabilities, embeddings, *taps = (np.asarray(t) for t in self._forward(batch))
-            familiarity = self.familiarity.scores(pooled(taps))
-            for index, p, e, f in zip(readable[start : start + BATCH], probabilities, embeddings, familiarity):
-                rows[index] = self._answer(p, e, f, k, threshold)
+            familiarity = self.familiarity.scores(self.familiarity.features(taps))
+            for index, p, e, f, d in zip(
+                readable[start : start + BATCH], probabilities, embeddings, familiarity, digests[start : start + BATCH]
+            ):
+                rows[index] = self._answer(p, e, f, k, threshold, d)
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
 
-    def _answer(self, probabilities: np.ndarray, embedding: np.ndarray, familiarity: float, k: int, threshold: float) -> dict:
+    def _answer(
+        self, probabilities: np.ndarray, embedding: np.ndarray, familiarity: float, k: int, threshold: float, digest: str | None = None
+    ) -> dict:
         best = int(np.argmax(probabilities))
         label, confidence = self.labels[best], float(probabilities[best])
         return {
@@ -170,7 +178,7 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
             "confidence": round(confidence, 6),
             "probabilities": {name: round(float(p), 6) for name, p in zip(self.labels, probabilities)},
             "uncertain": confidence < threshold,
-            "similar": self.recommender.similar(embedding, label, k),
+            "similar": self.recommender.similar(embedding, label, k, exclude=digest),
             "error": None,
             "unfamiliar": bool(self.familiarity.unfamiliar(familiarity)),
             "familiarity": round(float(familiarity), 6),

@@ -59,6 +59,10 @@ class Hyperparameters:
     backbone: str = "cnn"
     weights: str = "imagenet"
     fine_tune_epochs: int = 0
+    # mobilenet_v2 only: `new` (the head above, freshly initialised) or `imagenet` (ImageNet's own
+    # classifier pooled over the cat, dog and wild classes: right on real photos before any
+    # training; it needs weights with ImageNet's top; dense_units and dropout do not apply).
+    head: str = "new"
 
 
 # tune
@@ -67,6 +71,10 @@ MAX_TRIALS = 6
 TUNE_EPOCHS = 12  # per trial (Hyperband: the most per trial)
 TUNE_PATIENCE = 0  # early stopping within a trial; 0: off
 TUNING_DIR = Path("outputs/tuning")
+
+# A frozen backbone's pooled features, per image content hash (steps/features.py): derived data,
+# git-ignored, safe to delete. ANIMAL_FEATURE_CACHE overrides the folder.
+FEATURE_CACHE = Path("outputs/features")
 
 # registry
 MODEL_NAME = "animal"

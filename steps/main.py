@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from dataclasses import asdict, replace
@@ -18,9 +19,9 @@ from mlflow import MlflowClient
 
 from databases import catalogue
 from databases.image_store import absolute
-from steps import defaults
+from steps import backbones, defaults
 from steps.backbones import IMAGENET, NO_WEIGHTS
-from steps.defaults import ALIAS, MODEL_NAME
+from steps.defaults import ALIAS, MODEL_NAME, Hyperparameters
 from steps.register import register
 from steps.tracking import followed, start_run
 from steps.train import MODEL_TAG, add_hyperparameter_flags, hyperparameters_from
@@ -29,10 +30,29 @@ from team.preflight import one_line_errors
 PROJECT = str(Path(__file__).resolve().parents[1])
 
 
+def own_catalogue(source: str, data_dir: Path, db: Path | str) -> tuple[Path, Path | str]:
+    """(data_dir, db) for `source`: photos given with the default data_dir and db get their own,
+    data/<name>/ and databases/<name>.db (name: the folder's or .zip's), so that they never mix
+    with the synthetic catalogue and the gate compares candidates on the same photos."""
+    if source == defaults.SOURCE or data_dir != defaults.DATA_DIR or db != defaults.CATALOGUE:
+        return data_dir, db
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source.rstrip("/")).name.removesuffix(".zip")).strip(".-") or "photos"
+    if name == defaults.CATALOGUE.stem:  # not the synthetic default's own file
+        name += "-photos"
+    return data_dir / name, defaults.CATALOGUE.with_name(f"{name}.db")
+
+
+class StepFailed(RuntimeError):
+    """A step's process ended with an error, which it has printed."""
+
+
 def run_step(entry_point: str, parameters: dict) -> mlflow.entities.Run:
     """Run one MLproject entry point synchronously (a nested run) and return its finished run."""
     print(f"\n=== {entry_point} ===", flush=True)
-    submitted = mlflow.projects.run(PROJECT, entry_point, parameters=parameters, env_manager="local", synchronous=True)
+    try:
+        submitted = mlflow.projects.run(PROJECT, entry_point, parameters=parameters, env_manager="local", synchronous=True)
+    except mlflow.projects.ExecutionException:  # the step printed its own error: no traceback over it
+        raise StepFailed(f"the {entry_point} step failed (its error is above)") from None
     return MlflowClient().get_run(followed(submitted.run_id))  # the step may have left Default (steps/tracking.py)
 
 
@@ -71,13 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
+    args.data_dir, args.db = own_catalogue(args.source, args.data_dir, args.db)
     metadata = (args.data_dir / "metadata.csv").resolve()
     image_store = absolute(args.image_store or args.data_dir / "images")  # the steps run in the project folder
     db = args.db.resolve() if isinstance(args.db, Path) else args.db
     hp = hyperparameters_from(args)
     if hp.weights not in (IMAGENET, NO_WEIGHTS):  # a weights file: train runs in the project folder
         hp = replace(hp, weights=str(Path(hp.weights).resolve()))
+    try:
+        backbones.check(hp.backbone, hp.weights, hp.head)
+        if hp.backbone != backbones.CNN:  # missing weights: one line now, not after extracting everything
+            backbones.weights_file(hp.backbone, hp.weights, hp.head)
+        return pipeline(args, hp, metadata, image_store, db, started)
+    except (ValueError, StepFailed) as error:  # WeightsUnavailable is a ValueError
+        print(f"main: error: {error}", file=sys.stderr)
+        return 2
 
+
+def pipeline(args: argparse.Namespace, hp: Hyperparameters, metadata: Path, image_store: str | Path, db: Path | str, started: float) -> int:
+    """The steps, each a child run of one `main` run; then the summary."""
     with start_run("main") as parent:
         run_step(
             "extract",
@@ -109,6 +141,7 @@ model             {MODEL_NAME} version {promotion.version}
 promoted          {"yes" if promotion.promoted else "no"} ({promotion.reason})
 took              {minutes} min {seconds} s
 serve it          mlflow models serve -m models:/{MODEL_NAME}@{ALIAS} -p 5001 --env-manager local
+the page          python -m web.serve --db {db} --image-store {image_store}
 look at runs      mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}""")
     return 0
 

@@ -38,10 +38,10 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from databases import catalogue
 from databases.image_store import read_location
-from pyfunc.familiarity import Familiarity, pooled
+from pyfunc.familiarity import MASS, Familiarity
 from pyfunc.model import EMBEDDING_LAYER, log_animal_model, with_embedding
 from pyfunc.preprocess import ImageError, load_image
-from steps import backbones, defaults, model_card
+from steps import backbones, defaults, features, imagenet_groups, model_card
 from steps.defaults import Hyperparameters
 from steps.progress import progress
 from steps.tracking import start_run
@@ -54,6 +54,12 @@ warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed")
 
 MODEL_TAG = "model_uri"  # run tag through which `main` and `tune` find the logged model
 FEATURES_LAYER = "features"  # the globally averaged feature maps, input of the head
+IMAGENET_LAYER = "imagenet"  # head=imagenet: ImageNet's own 1000-way softmax, kept frozen
+ANIMAL_MASS_LAYER = "animal_mass"  # its mass on the cat, dog and wild classes: the unfamiliar signal
+# head=imagenet: validation images flagged. Not 5%: on the 42 validation photos of the sample that
+# flags 2, and the real photos' mass (0.53-0.98) is far from other things' (0.00-0.16), so the
+# threshold can sit at the least mass seen on validation (docs/real-photos.md has the measurements).
+MASS_FLAG_SHARE = 0.01
 FINE_TUNE_RATE = 0.1  # fine-tuning a pretrained backbone: this fraction of the learning rate
 DECODE_CHUNK = 512  # images decoded per batch of thread-pool work
 
@@ -202,11 +208,12 @@ def pipelines(data: Data, hp: Hyperparameters, seed: int) -> tuple[tf.data.Datas
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
 
 
-def build_model(hp: Hyperparameters, image_size: int, n_classes: int) -> keras.Model:
-    """The network `hp.backbone` names (uncompiled: `fit` compiles it, with its schedule)."""
+def build_model(hp: Hyperparameters, image_size: int, n_classes: int, labels: list[str] | None = None) -> keras.Model:
+    """The network `hp.backbone` names (uncompiled: `fit` compiles it, with its schedule).
+    `labels`: the classes in output order (head=imagenet maps ImageNet's classes onto them)."""
     if hp.backbone == backbones.CNN:
         return cnn(hp, image_size, n_classes)
-    return pretrained(hp, image_size, n_classes)
+    return pretrained(hp, image_size, labels or [str(i) for i in range(n_classes)])
 
 
 def cnn(hp: Hyperparameters, image_size: int, n_classes: int) -> keras.Model:
@@ -224,18 +231,48 @@ def cnn(hp: Hyperparameters, image_size: int, n_classes: int) -> keras.Model:
     return keras.Model(inputs, head(features, hp, n_classes), name="animal_cnn")
 
 
-def pretrained(hp: Hyperparameters, image_size: int, n_classes: int) -> keras.Model:
-    """A keras.applications backbone (its own input scaling inside, pixels in 0..255 as for `cnn`)
-    under the same head. The backbone starts frozen: the head is trained first (fine_tune)."""
-    backbone = backbones.build(hp.backbone, hp.weights, image_size)
+def pretrained(hp: Hyperparameters, image_size: int, labels: list[str]) -> keras.Model:
+    """A keras.applications backbone (input scaling inside, pixels in 0..255 as for `cnn`) under
+    `hp.head`. The backbone starts frozen: the head is trained first (fine_tune).
+
+    head=imagenet: outputs (probabilities, animal_mass): ImageNet's classifier restricted to the
+    classes of our groups, summed per group (the softmax over those classes summed per group is
+    ImageNet's softmax summed per group and renormalised over the three); and beside it ImageNet's
+    whole frozen classifier, whose mass on those classes serving reads as the familiarity signal."""
+    backbone, classifier = backbones.load(hp.backbone, hp.weights, image_size, hp.head)
     backbone.trainable = False
     inputs = keras.Input(shape=(image_size, image_size, 3))
+    x = inputs
+    if backbones.BACKBONES[hp.backbone].scale_inputs:  # MobileNetV2 wants -1..1 (its preprocess_input)
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1, name="scale")(x)
     # training=False: its BatchNorm layers keep ImageNet's statistics, also once fine-tuned.
-    features = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(backbone(inputs, training=False))
-    return keras.Model(inputs, head(features, hp, n_classes), name=f"animal_{hp.backbone}")
+    pooled = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(backbone(x, training=False))
+    outputs = head(pooled, hp, labels, classifier)
+    if hp.head == backbones.IMAGENET_HEAD:
+        imagenet = keras.layers.Dense(imagenet_groups.IMAGENET_CLASSES, activation="softmax", trainable=False, name=IMAGENET_LAYER)
+        mass = keras.layers.Dense(1, use_bias=False, trainable=False, name=ANIMAL_MASS_LAYER)
+        outputs = [outputs, mass(imagenet(pooled))]
+        imagenet.set_weights(classifier)
+        mass.set_weights([imagenet_groups.group_matrix(labels).sum(axis=1, keepdims=True)])
+    return keras.Model(inputs, outputs, name=f"animal_{hp.backbone}")
 
 
-def head(features, hp: Hyperparameters, n_classes: int):
+def head(features, hp: Hyperparameters, labels: list[str] | int, classifier: list[np.ndarray] | None = None):
+    """The classification head on pooled features, for `labels` (or that many classes: head=new).
+    `classifier`: ImageNet's [kernel, bias], the start of head=imagenet (None: its weights are set
+    afterwards, as fit_head does)."""
+    if hp.head == backbones.IMAGENET_HEAD:
+        members = imagenet_groups.members(labels)
+        # The pooled features themselves are the embedding: ImageNet's, what similar images compare.
+        x = keras.layers.Identity(name=EMBEDDING_LAYER)(features)
+        animals = keras.layers.Dense(len(members), activation="softmax", name="imagenet_animals")
+        pool = keras.layers.Dense(len(labels), use_bias=False, trainable=False, name="probabilities")
+        probabilities = pool(animals(x))
+        pool.set_weights([imagenet_groups.group_matrix(labels)[members]])
+        if classifier is not None:
+            animals.set_weights([classifier[0][:, members], classifier[1][members]])
+        return probabilities
+    n_classes = labels if isinstance(labels, int) else len(labels)
     x = keras.layers.Dropout(hp.dropout)(features)
     x = keras.layers.Dense(hp.dense_units, activation="relu", name=EMBEDDING_LAYER)(x)
     x = keras.layers.Dropout(hp.dropout)(x)
@@ -245,7 +282,10 @@ def head(features, hp: Hyperparameters, n_classes: int):
 def familiarity_layers(model: keras.Model) -> list[str]:
     """Where familiarity is measured: every block of the CNN (the early ones see texture and
     colour statistics, where photos differ most from drawings), else the backbone's pooled features."""
-    blocks = [layer.name for layer in model.layers if layer.name.startswith("block") and layer.name[5:].isdigit()]
+    names = [layer.name for layer in model.layers]
+    if ANIMAL_MASS_LAYER in names:
+        return [ANIMAL_MASS_LAYER]
+    blocks = [name for name in names if name.startswith("block") and name[5:].isdigit()]
     return blocks or [FEATURES_LAYER]
 
 
@@ -308,12 +348,15 @@ def fine_tune(
     `hp.fine_tune_epochs` more epochs at a tenth of the learning rate. Returns both stages' history."""
     if hp.backbone == backbones.CNN or hp.fine_tune_epochs <= 0:
         return history
+    history = history or keras.callbacks.History()
+    history.history = getattr(history, "history", None) or {}
     backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
     backbone.trainable = True
     for layer in backbone.layers:  # BatchNorm stays frozen: small batches would spoil its statistics
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-    done = len(history.history.get("loss", []))
+    done = len(history.history.get("loss", [])) if history is not None else 0
+    model = training_view(model)
     gentler = replace(hp, learning_rate=hp.learning_rate * FINE_TUNE_RATE)  # fit compiles with it
     tuned = fit(model, data, gentler, done + hp.fine_tune_epochs, patience, seed, callbacks, initial_epoch=done)
     both = keras.callbacks.History()
@@ -321,6 +364,82 @@ def fine_tune(
         key: list(history.history.get(key, [])) + list(tuned.history.get(key, [])) for key in {*history.history, *tuned.history}
     }
     return both
+
+
+def training_view(model: keras.Model) -> keras.Model:
+    """The network as trained: its first output, the probabilities (head=imagenet's animal_mass is
+    a frozen output for serving, with nothing to learn). The same layers, so training it trains `model`."""
+    return model if len(model.outputs) == 1 else keras.Model(model.inputs, model.outputs[0])
+
+
+def head_layers(model: keras.Model) -> list[str]:
+    """The names of the layers after the pooled features that lead to the probabilities."""
+    start = [layer.name for layer in model.layers].index(FEATURES_LAYER)
+    return [layer.name for layer in model.layers[start + 1 :] if layer.name not in (IMAGENET_LAYER, ANIMAL_MASS_LAYER)]
+
+
+def copy_weights(source: keras.Model, target: keras.Model, names: list[str]) -> None:
+    for name in names:
+        if source.get_layer(name).weights:
+            target.get_layer(name).set_weights(source.get_layer(name).get_weights())
+
+
+def fit_head(
+    model: keras.Model,
+    data: Data,
+    hp: Hyperparameters,
+    epochs: int,
+    patience: int,
+    seed: int,
+    callbacks: list | None = None,
+    initial_epoch: int = 0,
+) -> keras.callbacks.History | None:
+    """A pretrained backbone's first stage: its head alone, on the frozen backbone's pooled features,
+    computed once per image and cached (steps/features.py), not on every batch of every epoch.
+    No augmentation here: it would change the features. None when there is nothing to train."""
+    if epochs <= initial_epoch:
+        return None
+    train_features, val_features = features.pooled_features(model, FEATURES_LAYER, (data.train_images, data.val_images))
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({f"feature_cache_{kind}": float(n) for kind, n in features.last_counts.items()})
+    inputs = keras.Input(shape=(train_features.shape[1],))
+    head_model = keras.Model(inputs, head(inputs, hp, data.labels), name="head")
+    names = [name for name in head_layers(model) if model.get_layer(name).weights]
+    copy_weights(model, head_model, names)
+    on_features = replace(
+        data,
+        train_images=tf.data.Dataset.from_tensor_slices(train_features),
+        val_images=tf.data.Dataset.from_tensor_slices(val_features),
+    )
+    history = fit(head_model, on_features, replace(hp, augment=0.0), epochs, patience, seed, callbacks, initial_epoch)
+    copy_weights(head_model, model, names)
+    return history
+
+
+def train_network(
+    model: keras.Model,
+    data: Data,
+    hp: Hyperparameters,
+    epochs: int,
+    patience: int,
+    seed: int,
+    callbacks: list | None = None,
+    initial_epoch: int = 0,
+) -> keras.callbacks.History | None:
+    """The whole training: the CNN end to end; a pretrained backbone's head on cached features,
+    then `fine_tune_epochs` of the whole network. None: nothing trained (epochs=0, head=imagenet)."""
+    if hp.backbone == backbones.CNN:
+        return fit(model, data, hp, epochs, patience, seed, callbacks, initial_epoch)
+    history = fit_head(model, data, hp, epochs, patience, seed, callbacks, initial_epoch)
+    return fine_tune(model, data, hp, history, patience, seed, callbacks)
+
+
+def fit_familiarity(taps: list[str], train_taps: list[np.ndarray], y_train: np.ndarray, val_taps: list[np.ndarray]) -> Familiarity:
+    """The unfamiliar signal: the animal mass where the network has it, else the Mahalanobis distance."""
+    if taps == [ANIMAL_MASS_LAYER]:
+        return Familiarity.fit_mass(val_taps[0], MASS_FLAG_SHARE)
+    unfitted = Familiarity(np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0))
+    return Familiarity.fit(unfitted.features(train_taps), y_train, unfitted.features(val_taps))
 
 
 def log_training(
@@ -334,9 +453,9 @@ def log_training(
     predicted = probabilities.argmax(axis=1)
     accuracy = float((predicted == data.y_val).mean())
     matrix = confusion_matrix(data.y_val, predicted, labels=range(len(data.labels)))
-    familiarity = Familiarity.fit(train_out[2], data.y_train, val_out[2])
+    familiarity = fit_familiarity(taps, train_out[2], data.y_train, val_out[2])
     per_class = {label: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, label in enumerate(data.labels)}
-    flagged = float(familiarity.unfamiliar(familiarity.scores(val_out[2])).mean())
+    flagged = float(familiarity.unfamiliar(familiarity.scores(familiarity.features(val_out[2]))).mean())
     mlflow.log_metrics(
         {
             "final_val_accuracy": accuracy,
@@ -350,7 +469,7 @@ def log_training(
     )
     mlflow.log_text(report, "classification_report.txt")
     mlflow.log_figure(confusion_figure(matrix, data.labels), "confusion_matrix.png")
-    if history is not None:
+    if history is not None and history.history:
         mlflow.log_figure(curves_figure(history.history), "training_curves.png")
     print(report)
     facts = model_card.training_facts(
@@ -366,6 +485,7 @@ def log_training(
         flagged,
         None if hp is None else asdict(hp),
         mlflow.active_run().info.run_id,
+        method=model_card.MASS_METHOD if familiarity.signal == MASS else model_card.FAMILIARITY_METHOD,
     )
     mlflow.log_dict(facts, model_card.FACTS_FILE)
     mlflow.log_text(model_card.render(facts), model_card.CARD_FILE)
@@ -380,10 +500,10 @@ def log_training(
     return accuracy, info.model_uri
 
 
-def forward(model: keras.Model, taps: list[str], images: tf.data.Dataset) -> tuple[np.ndarray, ...]:
-    """(probabilities, embeddings, pooled familiarity features) of decoded images, as served."""
+def forward(model: keras.Model, taps: list[str], images: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(probabilities, embeddings, the familiarity taps' outputs) of decoded images, as served."""
     probabilities, embeddings, *tapped = with_embedding(model, taps).predict(images.batch(256), verbose=0)
-    return probabilities, embeddings, pooled(tapped)
+    return probabilities, embeddings, tapped
 
 
 def write_gallery(data: Data, embeddings: np.ndarray, gallery: Path) -> None:
@@ -391,7 +511,7 @@ def write_gallery(data: Data, embeddings: np.ndarray, gallery: Path) -> None:
     from pyfunc.recommender import write_gallery as write
 
     ordered = pd.concat([data.frame[data.frame.split == "train"], data.frame[data.frame.split == "val"]])
-    write(gallery, ordered.id, ordered.path, ordered.label, embeddings)
+    write(gallery, ordered.id, ordered.path, ordered.label, embeddings, ordered.sha256)
 
 
 def confusion_figure(matrix: np.ndarray, labels: list[str]) -> plt.Figure:
@@ -463,8 +583,9 @@ def train(
 ) -> tuple[str, float, str]:
     """Train and log one model; returns (run id, validation accuracy, model URI)."""
     hp = hp or Hyperparameters()
+    backbones.check(hp.backbone, hp.weights, hp.head)  # head=imagenet on the CNN, say, stops here
     if hp.backbone != backbones.CNN:  # a missing weights file stops us here, before any work
-        backbones.weights_file(hp.backbone, hp.weights)
+        backbones.weights_file(hp.backbone, hp.weights, hp.head)
     keras.utils.set_random_seed(seed)
     data = load_data(db_path, image_size)
     with start_run("train") as run:
@@ -482,16 +603,15 @@ def train(
             }
         )
         log_catalogue(data, db_path)
-        model = build_model(hp, image_size, len(data.labels))
-        history = fit(model, data, hp, epochs, patience, seed, callbacks=[MlflowMetrics()])
-        history = fine_tune(model, data, hp, history, patience, seed, callbacks=[MlflowMetrics()])
+        model = build_model(hp, image_size, len(data.labels), data.labels)
+        history = train_network(model, data, hp, epochs, patience, seed, callbacks=[MlflowMetrics()])
         accuracy, model_uri = log_training(model, data, history, image_size, hp)
     return run.info.run_id, accuracy, model_uri
 
 
 def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
     """--conv-blocks, --filters, ...: one flag per Hyperparameters field, its default the field's."""
-    choices = {"backbone": backbones.CHOICES}
+    choices = {"backbone": backbones.CHOICES, "head": backbones.HEADS}
     for name, value in asdict(Hyperparameters()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, choices=choices.get(name))
 

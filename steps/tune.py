@@ -79,6 +79,7 @@ def hyperparameters(hp: kt.HyperParameters, network: train.Hyperparameters | Non
         backbone=network.backbone,
         weights=network.weights,
         fine_tune_epochs=network.fine_tune_epochs,
+        head=network.head,
     )
 
 
@@ -94,7 +95,7 @@ class AnimalHyperModel(kt.HyperModel):
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         keras.utils.set_random_seed(self.seed)  # same initialisation for every trial: only the hps differ
-        return train.build_model(hyperparameters(hp, self.network), self.image_size, len(self.data.labels))
+        return train.build_model(hyperparameters(hp, self.network), self.image_size, len(self.data.labels), self.data.labels)
 
     def fit(
         self,
@@ -108,8 +109,8 @@ class AnimalHyperModel(kt.HyperModel):
     ) -> keras.callbacks.History:
         # Hyperband passes `initial_epoch` when it continues an earlier trial's model.
         chosen, patience = hyperparameters(hp, self.network), self.patience or epochs
-        history = train.fit(model, self.data, chosen, epochs, patience, self.seed, callbacks=callbacks, initial_epoch=initial_epoch)
-        return train.fine_tune(model, self.data, chosen, history, patience, self.seed, callbacks=callbacks)
+        # A pretrained backbone's head trains on its cached features (train.train_network).
+        return train.train_network(model, self.data, chosen, epochs, patience, self.seed, callbacks=callbacks, initial_epoch=initial_epoch)
 
 
 class MlflowTrials:
@@ -272,6 +273,8 @@ def tune(
         "backbone": network.backbone,
         "weights": network.weights,
         "fine_tune_epochs": network.fine_tune_epochs,
+        # Only when not the default, so that a search begun before there was a head resumes.
+        **({"head": network.head} if network.head != backbones.NEW_HEAD else {}),
     }
     hypermodel = AnimalHyperModel(data, image_size, patience, seed, network)
     if overwrite and mode == "worker":
@@ -557,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", choices=backbones.CHOICES, default=network.backbone)
     parser.add_argument("--weights", default=network.weights, help="imagenet, a weights file or none (backbones only)")
     parser.add_argument("--fine-tune-epochs", type=int, default=network.fine_tune_epochs)
+    parser.add_argument("--head", choices=backbones.HEADS, default=network.head, help="mobilenet_v2: new or imagenet")
     return parser
 
 
@@ -565,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        network = train.Hyperparameters(backbone=args.backbone, weights=args.weights, fine_tune_epochs=args.fine_tune_epochs)
+        network = train.Hyperparameters(
+            backbone=args.backbone, weights=args.weights, fine_tune_epochs=args.fine_tune_epochs, head=args.head
+        )
         tune(
             args.db,
             args.max_trials,

@@ -35,7 +35,7 @@ def offline(monkeypatch, tmp_path):
     """An empty Keras cache and a download that fails as it does without internet."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
 
-    def no_network(backbone, cache):
+    def no_network(backbone, cache, top=False):
         raise Exception(f"URL fetch failure on {backbone.origin}: None -- [Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(backbones, "download", no_network)
@@ -58,7 +58,7 @@ def test_the_cached_file_is_the_one_keras_looks_for(monkeypatch, tmp_path):
     assert backbones.keras_cache() == tmp_path / "keras" / "models"
     with pytest.raises(backbones.WeightsUnavailable, match="efficientnetb0_notop.h5"):
         backbones.weights_file("efficientnet_b0", "imagenet")
-    monkeypatch.setattr(backbones, "download", lambda backbone, cache: str(cache / backbone.file))
+    monkeypatch.setattr(backbones, "download", lambda backbone, cache, top=False: str(cache / backbone.file))
     assert backbones.weights_file("efficientnet_b0", "imagenet") == str(tmp_path / "keras" / "models" / "efficientnetb0_notop.h5")
 
 
