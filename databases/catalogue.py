@@ -193,6 +193,15 @@ def _connect_postgres(url: str, readonly: bool, timeout: float | None = None):
                 conn.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": SCHEMA_LOCK})
                 for statement in _statements(POSTGRES_SCHEMA.read_text()):
                     conn.exec_driver_sql(statement)
+    except exc.ProgrammingError as error:
+        conn.close()
+        if getattr(error.orig, "sqlstate", None) != "42501":  # insufficient_privilege
+            raise
+        # A role that may only read (the team layout's reader) cannot even ensure the schema: say who.
+        raise CatalogueError(
+            f"permission denied: PostgreSQL role {conn.engine.url.username} may not write the catalogue {describe(url)} "
+            f"({_reason(error)}): writing (extract, populate) needs the writer role (`python -m team env --role writer`)"
+        ) from None
     except BaseException:
         conn.close()
         raise

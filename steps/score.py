@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from steps import defaults
 from steps.tracking import start_run
-from team.preflight import one_line_errors
+from team.preflight import one_line_errors, permission_problem
 
 # What the pyfunc decodes (pyfunc/preprocess.py FORMATS); other files in a folder or .zip are
 # ignored and counted, so that sidecar files (.xmp, .txt, Thumbs.db) do not fill the table.
@@ -919,7 +919,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     print("\n".join(result.summary.lines(args.output)), flush=True)
-    log_run(args, result, args.output)
+    try:
+        log_run(args, result, args.output)
+    except Exception as error:
+        # A reader (team layout) may score but not log a run: the scores are written, say what is missing.
+        problem = permission_problem(error)
+        if problem is None:
+            raise
+        print(f"score: the job was not recorded in MLflow: {problem}", file=sys.stderr)
     return 0
 
 

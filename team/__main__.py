@@ -1,10 +1,13 @@
-"""`python -m team up|down|status|upgrade`: the team layout on this machine (make team-up / team-down).
+"""`python -m team up|down|status|upgrade|user|env`: the team layout on this machine (make team-up / team-down).
 
 upgrade: after installing a newer MLflow, stop the tracking server, `mlflow db upgrade` its database,
 start it again (back up first: docs/team.md).
+user add NAME --role reader|trainer|releaser, user remove NAME, user list: the tracking server's people.
+env [--user NAME] [--role writer|reader]: the exports for NAME (default: the admin) with the catalogue's
+writer or reader role.
 
 `up` keeps the host and ports it used in <home>/settings.json; every later action (status, down,
-upgrade, up again) uses them unless told otherwise on its command line."""
+upgrade, up again, user, env) uses them unless told otherwise on its command line."""
 
 from __future__ import annotations
 
@@ -14,12 +17,16 @@ import sys
 from pathlib import Path
 
 from steps import defaults
-from team.cluster import Layout, TeamError, down, exports, postgres_running, tracking_server_answers, up, upgrade
+from team import users
+from team.cluster import ADMIN, Layout, TeamError, down, exports, postgres_running, tracking_server_answers, up, upgrade
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m team", description=__doc__)
-    parser.add_argument("action", choices=("up", "down", "status", "upgrade"))
+    parser.add_argument("action", choices=("up", "down", "status", "upgrade", "user", "env"))
+    parser.add_argument("words", nargs="*", metavar="add|remove|list [NAME]", help="for user")
+    parser.add_argument("--role", default=None, help="user add: reader, trainer or releaser; env: writer or reader")
+    parser.add_argument("--user", default=ADMIN, help="env: whose tracking login")
     parser.add_argument("--home", type=Path, default=defaults.TEAM_DIR, help="the cluster's data, artifacts and logs")
     # None: what the last `up` used (<home>/settings.json), else the default.
     parser.add_argument(
@@ -63,17 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     layout = layout_from(args)
     try:
         if args.action == "up":
+            first = not layout.user_password_file(ADMIN).is_file()
             up(layout, args.artifacts, args.allowed_hosts, args.workers)
             save_settings(layout)
             env_file = layout.home / "team.env"
-            env_file.touch(mode=0o600)  # it holds the database password
+            env_file.touch(mode=0o600)  # it holds the admin's and the catalogue writer's passwords
             env_file.write_text(exports(layout))
             print(
                 f"team: PostgreSQL on {layout.client_host()}:{layout.postgres_port}, "
-                f"tracking server on {layout.tracking_uri()}\n"
-                f"use it (also in {layout.home / 'team.env'}):\n{exports(layout)}",
-                end="",
+                f"tracking server on {layout.tracking_uri()} (login required)\n"
+                f"use it as {ADMIN}: source {env_file}"
             )
+            if first:  # shown this once; afterwards it is only in the 0600 file
+                password, kept = layout.user_password(ADMIN), layout.user_password_file(ADMIN)
+                print(f"the tracking server's admin is {ADMIN!r}, password {password} (kept in {kept})")
+        elif args.action == "user":
+            return user_command(layout, args.words, args.role)
+        elif args.action == "env":
+            print(exports(layout, args.role or "writer", args.user), end="")
         elif args.action == "upgrade":
             upgrade(layout, args.artifacts, args.allowed_hosts, args.workers)
             print(f"team: tracking database migrated, server back on {layout.tracking_uri()}")
@@ -88,6 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     except TeamError as error:
         print(f"team: error: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def user_command(layout: Layout, words: list[str], role: str | None) -> int:
+    if words[:1] == ["add"] and len(words) == 2 and role:
+        target = users.add(layout, words[1], role)
+        print(f"team: {words[1]} added as {role}; their environment (with their password) is {target}, 0600: hand it over privately")
+    elif words[:1] == ["remove"] and len(words) == 2:
+        users.remove(layout, words[1])
+        print(f"team: {words[1]} removed")
+    elif words == ["list"]:
+        for user in users.listed(layout):
+            print(f"{user.name}\t{'admin' if user.admin else user.role or '?'}")
+    else:
+        raise TeamError("usage: python -m team user add NAME --role reader|trainer|releaser | user remove NAME | user list")
     return 0
 
 

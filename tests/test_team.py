@@ -1,8 +1,9 @@
 """Team mode against real servers on loopback, started and stopped by this module: PostgreSQL (a private
-cluster, started the way `make team-up` starts it), `mlflow server` on it with its artifacts in an
-S3-protocol bucket, and that object store (moto's server mode: the same boto3 calls reach AWS S3 or
-MinIO). Heavy, so marked `team` (`pytest -m "not team"` leaves them out); kept small: 12 images per
-class, 32 px, 1-2 epochs, 2 tune trials."""
+cluster, started the way `make team-up` starts it), `mlflow server` on it with its login on (basic-auth:
+the tests run as its admin unless they say whom) and its artifacts in an S3-protocol bucket, and that
+object store (moto's server mode: the same boto3 calls reach AWS S3 or MinIO). Heavy, so marked `team`
+(`pytest -m "not team"` leaves them out); kept small: 12 images per class, 32 px, 1-2 epochs, 2 tune
+trials."""
 
 from __future__ import annotations
 
@@ -26,7 +27,19 @@ from mlflow import MlflowClient
 from databases import catalogue, image_store
 from steps.extract import extract
 from steps.populate import populate
-from team.cluster import Layout, TeamError, down, postgres_bin, start_postgres, start_tracking_server
+from team.cluster import (
+    ADMIN,
+    READER,
+    USER,
+    WRITER,
+    Layout,
+    TeamError,
+    catalogue_database,
+    down,
+    postgres_bin,
+    start_postgres,
+    start_tracking_server,
+)
 from tests.conftest import ROOT, TINY, VENV_PATH, free_port, run_distributed_tune
 from web.serve import wait_until_ready
 
@@ -68,7 +81,8 @@ def s3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def team(s3):
-    """PostgreSQL and `mlflow server` (artifacts in s3://artifacts/mlflow), as `make team-up` starts them."""
+    """PostgreSQL and `mlflow server` (artifacts in s3://artifacts/mlflow), as `make team-up` starts them;
+    this process talks to them as the admin and the catalogue's writer."""
     try:
         postgres_bin("initdb")
     except TeamError as error:
@@ -81,7 +95,9 @@ def team(s3):
         start_postgres(layout)
         start_tracking_server(layout, "s3://artifacts/mlflow", workers=2, timeout=300)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("PGPASSWORD", layout.password())  # in-process catalogue connections
+            patch.setenv("PGPASSWORD", layout.password(WRITER))  # in-process catalogue connections
+            patch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)  # in-process MlflowClients
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", layout.user_password(ADMIN))
             yield layout
     finally:
         down(layout)
@@ -93,13 +109,13 @@ def wait_for(url: str, process: subprocess.Popen, timeout: float) -> None:
 
 
 def fresh_database(team: Layout, name: str) -> str:
-    """An empty database on the team's cluster; its URL (password from PGPASSWORD)."""
+    """An empty catalogue database on the team's cluster, as `team up` makes `animal`: owned by the
+    writer, readable by the reader; its URL for the writer (password from PGPASSWORD)."""
     import psycopg
 
-    with psycopg.connect(team.database_url("postgres"), autocommit=True) as conn:
+    with psycopg.connect(team.database_url("postgres", password=True), autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {}").format(psycopg.sql.Identifier(name)))
-        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
-    return team.database_url(name)
+    return catalogue_database(team, name)
 
 
 def team_env(team: Layout, experiment: str = "team", **extra: str) -> dict[str, str]:
@@ -119,6 +135,37 @@ def mlflow_run(entry_point: str, parameters: dict, env: dict, cwd: Path) -> subp
     for name, value in parameters.items():
         command += ["-P", f"{name}={value}"]
     return run(command, env, cwd)
+
+
+def team_cli(team: Layout, *words: str) -> subprocess.CompletedProcess:
+    """`python -m team ...` for this installation, as the admin who ran `team up` would."""
+    args = ["--home", str(team.home), "--postgres-port", str(team.postgres_port), "--port", str(team.tracking_port)]
+    return run([sys.executable, "-m", "team", *words, *args], {**os.environ, "PYTHONPATH": str(ROOT)}, ROOT)
+
+
+def env_file_values(path: Path) -> dict[str, str]:
+    """The variables of an env file `team user add` wrote (`export NAME=value` lines)."""
+    lines = [line.removeprefix("export ") for line in path.read_text().splitlines() if line.startswith("export ")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+@pytest.fixture(scope="module")
+def people(team):
+    """One person per role, made with `python -m team user add`: role -> their environment file's
+    variables (tracking login, catalogue URL and password of their catalogue role)."""
+    made = {}
+    for role in ("reader", "trainer", "releaser"):
+        added = team_cli(team, "user", "add", f"{role}-1", "--role", role)
+        assert f"{role}-1 added as {role}" in added.stdout
+        made[role] = env_file_values(team.users_dir / f"{role}-1.env")
+    return made
+
+
+def as_person(team: Layout, people: dict, role: str, database: str, **extra: str) -> dict[str, str]:
+    """A client process's environment for `role`'s person, their catalogue role on `database`."""
+    values = people[role]
+    url = values["ANIMAL_DB"].rsplit("/", 1)[0] + f"/{database}"
+    return team_env(team, **{**values, "ANIMAL_DB": url, **extra})
 
 
 def tracking_files() -> dict[str, float | None]:
@@ -319,7 +366,7 @@ def test_pipeline_runs_against_the_servers_and_writes_no_local_tracking_files(te
     runs = client.search_runs([team_pipeline["experiment"].experiment_id])
     assert len(runs) >= 4 and all(r.info.status == "FINISHED" for r in runs)
     everything_logged = json.dumps([r.data.params for r in runs] + [r.data.tags for r in runs])
-    assert team.password() not in everything_logged  # URLs carry no password; libpq takes PGPASSWORD
+    assert team.password(WRITER) not in everything_logged  # URLs carry no password; libpq takes PGPASSWORD
     assert s3.list_objects_v2(Bucket="artifacts", Prefix="mlflow/")["KeyCount"] > 0  # proxied to the bucket
     # Nothing went to local tracking files: not in the working folder, not in the project.
     work = team_pipeline["work"]
@@ -327,8 +374,12 @@ def test_pipeline_runs_against_the_servers_and_writes_no_local_tracking_files(te
     assert tracking_files() == team_pipeline["before"]
 
 
-def test_served_from_the_servers_registry(team_pipeline, tmp_path):
-    port, url = free_port(), team_pipeline["db"]
+def test_served_from_the_servers_registry(team_pipeline, team, people, tmp_path, monkeypatch):
+    """The scoring server and the page as the reader: its tracking login and the catalogue's reader role."""
+    reader = as_person(team, people, "reader", "e2e")
+    port, url = free_port(), reader["ANIMAL_DB"]
+    for name in ("PGPASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, reader[name])  # the page, in this process
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
         [
@@ -349,7 +400,7 @@ def test_served_from_the_servers_registry(team_pipeline, tmp_path):
             "1",
         ],
         cwd=team_pipeline["work"],
-        env=team_pipeline["env"],
+        env=reader,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -402,8 +453,8 @@ def test_served_from_the_servers_registry(team_pipeline, tmp_path):
     assert not any((team_pipeline["work"] / name).exists() for name in ("mlruns", "mlflow.db"))
 
 
-def test_batch_scoring_with_the_servers_model(team_pipeline, tmp_path):
-    """`score` on a folder of photos, with models:/animal@production from the tracking server."""
+def test_batch_scoring_with_the_servers_model(team_pipeline, team, people, tmp_path):
+    """`score` on a folder of photos, with models:/animal@production from the tracking server, as the reader."""
     photos = tmp_path / "photos"
     photos.mkdir()
     conn = catalogue.connect(team_pipeline["db"], readonly=True)
@@ -413,7 +464,8 @@ def test_batch_scoring_with_the_servers_model(team_pipeline, tmp_path):
     finally:
         conn.close()
     output = tmp_path / "scores.csv"
-    run([sys.executable, "-m", "steps.score", "--input", str(photos), "--output", str(output)], team_pipeline["env"], tmp_path)
+    reader = as_person(team, people, "reader", "e2e")
+    run([sys.executable, "-m", "steps.score", "--input", str(photos), "--output", str(output)], reader, tmp_path)
     scores = pd.read_csv(output)
     assert len(scores) == 3 and set(scores.label) <= LABELS and scores.error.isna().all()
     assert not any((tmp_path / name).exists() for name in ("mlruns", "mlflow.db"))
@@ -657,3 +709,172 @@ def test_team_status_and_schema_upgrade(team):
     upgrade_schema(team)
     assert requests.get(f"{team.tracking_uri()}/health", timeout=10).status_code == 200
     assert MlflowClient(team.tracking_uri()).search_experiments()
+
+
+# --- who may do what: the tracking server's logins, the catalogue's roles, the secrets ------------
+
+
+def test_anonymous_and_wrong_logins_are_refused(team, tmp_path):
+    uri, search = team.tracking_uri(), "/api/2.0/mlflow/experiments/search?max_results=1"
+    for path in (search, "/ajax-api/2.0/mlflow/experiments/search?max_results=1", "/"):
+        assert requests.get(f"{uri}{path}", timeout=30).status_code == 401, path  # the REST API and the UI
+    assert requests.get(f"{uri}{search}", auth=(ADMIN, "not-the-password"), timeout=30).status_code == 401
+    assert requests.get(f"{uri}{search}", auth=(ADMIN, team.user_password(ADMIN)), timeout=30).status_code == 200
+    assert requests.get(f"{uri}/health", timeout=30).status_code == 200  # what `team status` and the steps ask first
+
+    # A step without a login stops with one line that says how to log in.
+    env = {k: v for k, v in team_env(team).items() if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    result = subprocess.run(
+        [sys.executable, "-m", "steps.promote", "--version", "1", "--db", team.database_url("animal", role=WRITER)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"promote: error: the MLflow tracking server {uri} did not accept the login of an anonymous client"), last
+
+
+def use_login(monkeypatch, people: dict, role: str) -> MlflowClient:
+    """This process's MlflowClients log in as `role`'s person from now on."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", people[role]["MLFLOW_TRACKING_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", people[role]["MLFLOW_TRACKING_PASSWORD"])
+    return MlflowClient(people[role]["MLFLOW_TRACKING_URI"])
+
+
+def refused(call) -> int:
+    """The HTTP status the tracking server refused `call` with."""
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as error:
+        call()
+    return error.value.get_http_status_code()
+
+
+def test_a_reader_reads_a_trainer_registers_only_a_releaser_promotes(team_pipeline, team, people, tmp_path, monkeypatch):
+    admin = team_pipeline["client"]
+    trained = team_pipeline["train_run"]
+    model_uri, run_id = trained.data.tags["model_uri"], trained.info.run_id
+    before = admin.get_model_version_by_alias("animal", "production")
+    experiment = admin.get_experiment_by_name("animal-faces")  # made by `team user add`
+    # The trainer registers the model the pipeline trained, whose run is in this module's experiment:
+    # reading a run is what registering it needs (their own runs are in animal-faces, where they may edit).
+    from team.users import _call
+
+    grant = {"username": "trainer-1", "resource_type": "experiment", "resource_id": team_pipeline["experiment"].experiment_id}
+    _call(team, "POST", "/api/3.0/mlflow/users/permissions/grant", json={**grant, "permission": "READ"})
+
+    reader = use_login(monkeypatch, people, "reader")
+    assert reader.get_model_version_by_alias("animal", "production").version == before.version
+    assert reader.get_run(run_id).info.status == "FINISHED"
+    assert refused(lambda: reader.create_run(experiment.experiment_id)) == 403
+    assert refused(lambda: reader.create_experiment("readers-own")) == 403  # nor in an experiment of their own
+    assert refused(lambda: reader.create_model_version("animal", model_uri, run_id)) == 403
+    assert refused(lambda: reader.set_registered_model_alias("animal", "production", before.version)) == 403
+
+    trainer = use_login(monkeypatch, people, "trainer")
+    own = trainer.create_run(experiment.experiment_id)
+    trainer.log_param(own.info.run_id, "lr", "0.001")
+    trainer.set_terminated(own.info.run_id)
+    version = trainer.create_model_version("animal", model_uri, run_id).version
+    trainer.set_model_version_tag("animal", version, "by", "trainer-1")
+    assert refused(lambda: trainer.set_registered_model_alias("animal", "production", version)) == 403
+    assert refused(lambda: trainer.transition_model_version_stage("animal", version, "Production")) == 403
+    assert refused(lambda: trainer.rename_registered_model("animal", "animal-moved")) == 403
+    assert refused(lambda: trainer.delete_registered_model_alias("animal", "production")) == 403
+    assert refused(lambda: trainer.create_registered_model("trainers-own")) == 403
+
+    # The promote step as the trainer: one line naming the permission; Production stays where it was.
+    promote = [sys.executable, "-m", "steps.promote", "--version", version, "--force", "true"]
+    denied = subprocess.run(
+        [*promote, "--db", team.database_url("e2e", role=WRITER)],
+        env=as_person(team, people, "trainer", "e2e", MLFLOW_EXPERIMENT_NAME="animal-faces"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert denied.returncode == 2 and "Traceback" not in denied.stderr, denied.stderr[-3000:]
+    assert denied.stderr.strip().splitlines()[-1] == (
+        "promote: error: permission denied: trainer-1 may not move production of registered model animal "
+        "(needs MANAGE on registered model animal)"
+    )
+    assert admin.get_model_version_by_alias("animal", "production").version == before.version
+
+    # As the releaser (the catalogue's reader is enough for the gate): promoted.
+    releaser_env = as_person(team, people, "releaser", "e2e", MLFLOW_EXPERIMENT_NAME="animal-faces")
+    promoted = run([*promote, "--db", releaser_env["ANIMAL_DB"]], releaser_env, tmp_path)
+    assert f"promote: animal version {version}: " in promoted.stdout
+    now = admin.get_model_version_by_alias("animal", "production")
+    assert now.version == version and now.current_stage == "Production"
+
+    releaser = use_login(monkeypatch, people, "releaser")  # and back, through the API
+    releaser.transition_model_version_stage("animal", before.version, "Production")
+    releaser.transition_model_version_stage("animal", version, "Archived")
+    releaser.set_registered_model_alias("animal", "production", before.version)
+    assert admin.get_model_version_by_alias("animal", "production").version == before.version
+
+
+def test_the_catalogues_reader_cannot_write(team, people, tmp_path):
+    import psycopg
+
+    images, metadata = tmp_path / "images", tmp_path / "metadata.csv"
+    extract("synthetic", images, metadata, images_per_class=2, seed=11)
+    url = fresh_database(team, "roles")
+    assert populate(metadata, images, url).inserted == 6  # the writer (this process's role)
+    reader_url = team.database_url("roles", role=READER)
+    reader_password = team.password(READER)
+    assert people["reader"]["PGPASSWORD"] == reader_password and people["trainer"]["PGPASSWORD"] == team.password(WRITER)
+
+    # populate with the reader's role: one line that names the role (the admin's login, so MLflow lets it start).
+    env = team_env(team, ANIMAL_DB=reader_url, PGPASSWORD=reader_password)
+    command = [sys.executable, "-m", "steps.populate", "--metadata", str(metadata), "--image-store", str(images), "--db", reader_url]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"populate: error: permission denied: PostgreSQL role {READER} may not write the catalogue postgresql://{READER}@")
+    )
+
+    as_reader = f"{reader_url.replace('@', f':{reader_password}@', 1)}"
+    with psycopg.connect(as_reader, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 6
+        for statement in (
+            "DELETE FROM images",
+            "UPDATE images SET label = 'x'",
+            "INSERT INTO settings VALUES ('k', 'v')",
+            "DROP TABLE images",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+    # Each role reaches only its own databases.
+    for role, database in ((READER, "mlflow"), (WRITER, "mlflow_auth"), ("mlflow_server", "animal")):
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(team.database_url(database, role=role, password=True)).close()
+
+
+def test_no_password_in_ps_logs_runs_or_open_files(team_pipeline, team, people):
+    secrets = {
+        **{f"postgres {role}": team.password(role) for role in (USER, WRITER, READER, "mlflow_server")},
+        **{f"login {user}": team.user_password(user) for user in (ADMIN, "reader-1", "trainer-1", "releaser-1")},
+        "flask secret": team.secret_key_file.read_text().strip(),
+    }
+    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert "mlflow server" in processes and "--app-name basic-auth" in processes
+    logs = [team.tracking_log, team.postgres_dir / "postgres.log"]
+    client = team_pipeline["client"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    logged = json.dumps([r.data.params for r in runs] + [r.data.tags for r in runs])
+    for what, secret in secrets.items():
+        assert secret not in processes, what
+        assert all(secret not in log.read_text(errors="replace") for log in logs), what
+        assert secret not in logged, what
+    # Every file that holds one is 0600 (the team folder, and the pipeline's working folder).
+    for folder in (team.home, team_pipeline["work"]):
+        for path in folder.rglob("*"):
+            if path.is_file() and path.stat().st_size < 10**7 and any(s.encode() in path.read_bytes() for s in secrets.values()):
+                assert path.stat().st_mode & 0o777 == 0o600, path
+    assert (team.users_dir.stat().st_mode & 0o077) == 0
