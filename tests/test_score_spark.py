@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from steps import score as scoring
+from steps import score_spark, spark_cluster
 from steps.defaults import SCORE_MODEL_URI
 from tests.outputs import TOLERANCE
 from tests.test_score import BAD, check_rows, collection, model  # noqa: F401 (fixtures)
@@ -36,7 +37,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def spark():
     pytest.importorskip("pyspark", reason="pyspark is not installed: `make install-test` installs it")
-    session = scoring.spark_session("local[2]")
+    session = score_spark.spark_session("local[2]")
     yield session
     session.stop()
 
@@ -50,7 +51,14 @@ def test_spark_gives_the_local_engines_rows(collection, model, spark, tmp_path):
 
     table = pq.read_table(tmp_path / "spark.parquet").to_pandas()
     check_rows(table, good, model)
-    expected = pq.read_table(tmp_path / "local.parquet").to_pandas()
+    assert_same_rows(table, pq.read_table(tmp_path / "local.parquet").to_pandas())
+    assert on_spark.summary.labels == local.summary.labels
+    assert on_spark.summary.errors == local.summary.errors == len(BAD)
+    assert on_spark.summary.error_kinds == local.summary.error_kinds
+
+
+def assert_same_rows(table: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """The same rows as the local engine's, in the same order."""
     assert list(table.columns) == list(expected.columns)
     assert table.path.tolist() == expected.path.tolist()
     # The model's numbers within float32 tolerance; what follows from them (label, flags, neighbours) is
@@ -61,9 +69,6 @@ def test_spark_gives_the_local_engines_rows(collection, model, spark, tmp_path):
             pd.testing.assert_series_equal(table[name], expected[name], atol=TOLERANCE, rtol=0)
         elif name not in from_the_model:
             assert [_plain(v) for v in table[name]] == [_plain(v) for v in expected[name]], name
-    assert on_spark.summary.labels == local.summary.labels
-    assert on_spark.summary.errors == local.summary.errors == len(BAD)
-    assert on_spark.summary.error_kinds == local.summary.error_kinds
 
 
 def test_spark_reads_a_zip(collection, model, spark, tmp_path):  # noqa: F811
@@ -81,3 +86,58 @@ def test_spark_reads_a_zip(collection, model, spark, tmp_path):  # noqa: F811
 
 def _plain(value):
     return list(value) if hasattr(value, "__len__") and not isinstance(value, str) else value
+
+
+# --- a standalone cluster on loopback: a master and two workers, as `make spark-up` starts them ------
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """Spark's own master and two 1-core workers on free loopback ports (steps/spark_cluster.py),
+    stopped at the end of the session whatever happened."""
+    pytest.importorskip("pyspark", reason="pyspark is not installed: `make install-test` installs it")
+    state = tmp_path_factory.mktemp("spark-cluster")
+    try:
+        yield spark_cluster.start(state, workers=2, cores=1, memory="2g")
+    finally:
+        spark_cluster.stop(state)
+
+
+@pytest.fixture
+def fresh_session():
+    """No Spark session before or after: `score` then starts its own application on the master it is
+    given (getOrCreate would hand it the local[2] session), with this environment (the S3 variables)."""
+    from pyspark.sql import SparkSession
+
+    def stop() -> None:
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            active.stop()
+
+    stop()
+    yield
+    stop()
+
+
+def test_standalone_cluster_gives_the_local_engines_rows(collection, model, cluster, fresh_session, tmp_path):  # noqa: F811
+    folder, good = collection
+    local = scoring.score(folder, tmp_path / "local.parquet", SCORE_MODEL_URI, batch_size=4, interactive=False)
+    assert spark_cluster.alive_workers(cluster) == 2
+    code = scoring.main(
+        ["--input", str(folder), "--output", str(tmp_path / "cluster.parquet"), "--engine", "spark"]
+        + ["--spark-master", cluster.master, "--batch-size", "4"]
+    )
+    assert code == 0
+    table = pq.read_table(tmp_path / "cluster.parquet").to_pandas()
+    check_rows(table, good, model)
+    assert_same_rows(table, local.table)
+    assert _executors_that_ran_tasks(cluster) == 2  # the work was spread over both workers
+
+
+def _executors_that_ran_tasks(cluster: spark_cluster.Cluster) -> int:
+    """How many executors of the running application finished tasks, by the workers' logs of them."""
+    from pyspark.sql import SparkSession
+
+    application = SparkSession.getActiveSession().sparkContext.applicationId
+    logs = (Path(cluster.state) / "work").glob(f"worker-*/{application}/*/stderr")
+    return sum(1 for log in logs if "Finished task" in log.read_text(errors="replace"))
