@@ -170,8 +170,15 @@ def ship_model(spark, model_uri: str) -> str:
     return _shipped[key]
 
 
+_code_shipped: set[str] = set()  # Spark applications that have the code: Spark refuses a file name twice
+
+
 def _ship_code(spark) -> None:
-    """Send the project's packages to the executors: the readers and the model wrapper run there."""
+    """Send the project's packages to the executors (once per application): the readers and the model
+    wrapper run there."""
+    application = spark.sparkContext.applicationId
+    if application in _code_shipped:
+        return
     root = Path(__file__).resolve().parents[1]
     archive = Path(tempfile.mkdtemp(prefix="animal-faces-")) / "animal_faces_code.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
@@ -179,3 +186,4 @@ def _ship_code(spark) -> None:
             for source in sorted((root / package).glob("*.py")):
                 bundle.write(source, f"{package}/{source.name}")
     spark.sparkContext.addPyFile(str(archive))
+    _code_shipped.add(application)
