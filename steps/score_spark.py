@@ -45,6 +45,9 @@ FORWARDED_ENV = (
     "AWS_REGION",
     "AWS_PROFILE",
 )
+# Each task has one core (spark.task.cpus): a Python worker whose TensorFlow started a thread per
+# core of the machine would fight the other tasks' workers for them. Unless set in the environment.
+THREADS_PER_TASK = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 PACKAGES = ("steps", "pyfunc", "databases", "team")  # what the executors import (steps.score imports team.preflight)
 IN_FLIGHT_PER_CORE = 2  # slices queued per executor core: the next task is there when one ends
 
@@ -74,6 +77,8 @@ def spark_session(master: str):
     for name in FORWARDED_ENV:
         if os.environ.get(name):
             builder = builder.config(f"spark.executorEnv.{name}", os.environ[name])
+    for name in THREADS_PER_TASK:
+        builder = builder.config(f"spark.executorEnv.{name}", os.environ.get(name, "1"))
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit: we choose the master
         builder = builder.master(master)
         if master.startswith(("spark://127.0.0.1:", "spark://localhost:")):
