@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install install-test browser java postgres run real-photos serve load lint test clean team-up team-down
+.PHONY: install install-test browser java postgres run real-photos serve load lint test clean team-up team-down spark-up spark-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ team-up: install postgres  ## PostgreSQL (private cluster in .team/) and the tra
 
 team-down:  ## stop what team-up started (the data stay in .team/)
 	$(BIN)/python -m team down $(TEAM_ARGS)
+
+# A Spark standalone cluster on this machine from PySpark's own distribution (docs/scoring.md), the one
+# the tests start: pids, ports and logs in .spark/. e.g. make spark-up SPARK_ARGS="--workers 4 --cores 2"
+SPARK_ARGS ?=
+spark-up: install-test  ## a Spark master and two 1-core workers on loopback; prints the --spark-master to use
+	$(BIN)/python -m steps.spark_cluster up $(SPARK_ARGS)
+
+spark-down:  ## stop what spark-up started
+	$(BIN)/python -m steps.spark_cluster down
 
 run: install  ## the whole pipeline on the synthetic default
 	mlflow run . --env-manager local --experiment-name animal-faces
@@ -63,7 +72,7 @@ clean:  ## generated data, catalogue, runs (not the venv)
 	rm -rf data databases/*.db databases/*.db-* mlflow.db mlruns mlartifacts outputs
 
 # Benchmarks: each prints measured figures as tables (docs/performance.md).
-BENCHES := serving training recommender accuracy batch_scoring unfamiliar decoding limits slow_clients
+BENCHES := serving training recommender accuracy batch_scoring spark_scoring unfamiliar decoding limits slow_clients
 .PHONY: bench $(addprefix bench-,$(BENCHES))
 bench: $(addprefix bench-,$(BENCHES))  ## every benchmark, one after the other
 $(addprefix bench-,$(BENCHES)): bench-%: install  ## one benchmark, e.g. make bench-serving

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
@@ -141,6 +142,18 @@ class ObjectStore:
             digest.update(chunk)
         return digest.hexdigest()
 
+    def keys(self) -> Iterator[str]:
+        """Every object under the prefix, as keys relative to it (S3's listing order: by key)."""
+        start = f"{self.prefix}/" if self.prefix else ""
+        token: dict[str, str] = {}
+        while True:
+            page = self._call("list_objects_v2", Prefix=start, **token) or {}
+            for item in page.get("Contents", []):
+                yield item["Key"][len(start) :]
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
     def write(self, key: str, data: bytes) -> None:
         # One PUT is atomic: readers see the old object or the new one, never half of it.
         self._call("put_object", Key=self._object(key), Body=data)
@@ -212,12 +225,13 @@ def _store_of(root: str) -> FolderStore | ObjectStore:
     return open_store(root)
 
 
-def read_location(location: str) -> bytes:
-    """The bytes behind a location the catalogue hands out (an absolute path or an s3:// URL)."""
+def read_location(location: str, max_bytes: int | None = None) -> bytes:
+    """The bytes behind a location the catalogue hands out (an absolute path or an s3:// URL); of an
+    object, at most `max_bytes` when given."""
     if not is_object_store(location):
         return Path(location).read_bytes()
     parts = urlsplit(location)
-    data = _store_of(f"s3://{parts.netloc}").read(parts.path.lstrip("/"))
+    data = _store_of(f"s3://{parts.netloc}").read(parts.path.lstrip("/"), max_bytes)
     if data is None:
         raise FileNotFoundError(f"not in the image store: {location}")
     return data

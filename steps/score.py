@@ -15,7 +15,6 @@ content are scored once. docs/scoring.md has the columns and the Spark engine.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from databases import image_store
 from steps import defaults
 from steps.tracking import start_run
 from team.preflight import one_line_errors, permission_problem
@@ -79,9 +79,12 @@ class Inputs:
 # The input: folder, .zip or list of paths
 
 
-def list_inputs(source: Path) -> Inputs:
+def list_inputs(source: Path | str) -> Inputs:
     """Every file to score in `source`, in a stable order (hidden files and folders are skipped, other
     files that are not images counted). Raises InputError."""
+    if image_store.is_object_store(source):
+        return _bucket(str(source))
+    source = Path(source)
     if source.is_dir():
         return _folder(source)
     if not source.exists():
@@ -105,6 +108,26 @@ def _folder(root: Path) -> Inputs:
                 inputs.entries.append(Entry(relative, str(Path(folder, name).absolute())))
             else:
                 inputs.ignored[_suffix(name)] += 1
+    return inputs
+
+
+def _bucket(url: str) -> Inputs:
+    """The objects under s3://bucket/prefix, as a folder's files: paths relative to the prefix. The
+    executors of a cluster read them through the same store (databases/image_store.py)."""
+    try:
+        store = image_store.ObjectStore(url)
+    except image_store.StoreError as error:
+        raise InputError(str(error)) from None
+    inputs = Inputs([])
+    for key in sorted(store.keys()):
+        if any(part.startswith(".") for part in key.split("/")):
+            continue
+        if _is_image_name(key):
+            inputs.entries.append(Entry(key, store.location(key)))
+        else:
+            inputs.ignored[_suffix(key)] += 1
+    if not inputs.entries and not inputs.ignored:
+        raise InputError(f"input not found: no objects under {url}")
     return inputs
 
 
@@ -137,6 +160,9 @@ def _listing(source: Path) -> Inputs:
         if not path or path.startswith("#") or path in seen:
             continue
         seen.add(path)
+        if image_store.is_object_store(path):  # an object in the team's bucket, read through the store
+            entries.append(Entry(path, path))
+            continue
         entries.append(Entry(path, str(source.parent.absolute() / Path(path).expanduser())))
     return Inputs(entries)
 
@@ -158,6 +184,8 @@ def read_entry(entry: Entry) -> bytes:
     """The file's bytes. Raises ReadError (with the reason) for anything that is not a readable file."""
     if entry.member is not None:
         return _read_member(entry)
+    if image_store.is_object_store(entry.file):
+        return _read_object(entry)
     try:
         info = os.stat(entry.file)  # follows links: a dangling or looping link fails here
         if not stat.S_ISREG(info.st_mode):
@@ -181,6 +209,18 @@ def _read_member(entry: Entry) -> bytes:
         return archive.read(info)
     except (KeyError, *UNREADABLE) as error:
         raise ReadError(f"cannot read from the .zip: {error}") from None
+
+
+def _read_object(entry: Entry) -> bytes:
+    """An s3:// object. A store that cannot be reached raises StoreError: that stops the job (in one
+    line) instead of turning every row into the same error."""
+    try:
+        data = image_store.read_location(entry.file, max_bytes=MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ReadError("cannot read: no such object in the store") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ReadError(f"file too large: over {MAX_FILE_BYTES // 2**20} MB (limit {MAX_FILE_BYTES // 2**20} MB)")
+    return data
 
 
 def _too_large(size: int) -> ReadError:
@@ -481,165 +521,6 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Spark engine: the same rows through mlflow.pyfunc.spark_udf
-
-
-def _check_spark() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("pyspark") is None:
-        raise InputError("the spark engine needs pyspark: `make install-test` installs it (requirements-test.txt)")
-    home = os.environ.get("JAVA_HOME")
-    if not shutil.which("java") and not (home and Path(home, "bin", "java").is_file()):
-        raise InputError("the spark engine needs Java: `make java` installs Debian's openjdk-17-jre-headless")
-
-
-def spark_session(master: str):
-    """A SparkSession on `master`; under spark-submit, the master spark-submit was given."""
-    from pyspark.sql import SparkSession
-
-    # Our own progress line reports the job; Spark's console bar would write over it.
-    builder = SparkSession.builder.appName("animal-faces score").config("spark.ui.showConsoleProgress", "false")
-    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit: we choose the master
-        builder = builder.master(master)
-        if master.startswith("local"):
-            # Spark's Python workers would start the first `python3` on PATH, not this environment's.
-            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    return builder.getOrCreate()
-
-
-def score_spark(spark, model_uri: str, entries: list[Entry], columns: Columns, batch_size: int) -> Iterator[list[dict]]:
-    """Rows for `entries`, in lists of `batch_size`, scored on Spark. Executors read the files
-    themselves (the input must be on a file system they share, as in local mode); each content is
-    scored once; nested outputs are flattened to the local engine's columns."""
-    import mlflow.pyfunc
-    from pyspark.sql import functions as F
-
-    # By reference to the importable module (shipped to the executors below), also when this file
-    # runs as __main__ (python -m, spark-submit): Spark would otherwise pickle them with their globals.
-    from steps.score import _hash_frames, _read_frames
-
-    slices = max(spark.sparkContext.defaultParallelism, -(-len(entries) // batch_size))
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
-    spark.conf.set("spark.sql.shuffle.partitions", str(slices))
-    _ship_code(spark)
-    files = spark.createDataFrame(
-        pd.DataFrame({"path": [e.path for e in entries], "file": [e.file for e in entries], "member": [e.member for e in entries]}),
-        "path string, file string, member string",
-    ).repartition(slices)
-    hashed = files.mapInPandas(_hash_frames, "path string, file string, member string, sha256 string, read_error string").cache()
-    # As many slices as cores or batches after each shuffle: Spark's default (200, or fewer by
-    # adaptive execution, down to one task for this little data) would leave cores idle.
-    unique = hashed.where(F.col("sha256").isNotNull()).dropDuplicates(["sha256"]).repartition(slices)
-    images = unique.mapInPandas(_read_frames, "sha256 string, image binary")
-    udf = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local", result_type=_result_type(columns))
-    scored = images.select("sha256", udf("image").alias("r")).select("sha256", *_flatten(columns, F.col("r")))
-    model_columns = [name for name in columns.answer_columns if name not in columns.probability_columns]
-    rows = hashed.join(scored, "sha256", "left").select(
-        "path",
-        "sha256",
-        "probabilities",
-        *[
-            F.coalesce("read_error", "error").alias("error")
-            if name == "error"
-            else F.coalesce("similar_ids", F.array().cast("array<bigint>")).alias(name)
-            if name == "similar_ids"
-            else F.col(name)
-            for name in model_columns
-        ],
-    )
-    try:
-        batch: list[dict] = []
-        for row in rows.toLocalIterator(prefetchPartitions=True):
-            batch.append(_spark_row(row.asDict(), columns))
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-    finally:
-        hashed.unpersist()
-
-
-def _result_type(columns: Columns) -> str:
-    """What spark_udf returns, as a Spark struct. MLflow 3.17's conversion cannot take a null where
-    a struct is declared (the `probabilities` of an image that failed), so `probabilities` comes back
-    as text (the dict's repr), flattened by _spark_row; of `similar`, only the ids."""
-    optional = {"unfamiliar": "boolean", "familiarity": "double"}
-    return ", ".join(
-        [
-            "label string",
-            "confidence double",
-            "probabilities string",
-            "uncertain boolean",
-            *[f"{name} {optional[name]}" for name in columns.optional],
-            "similar array<struct<id: bigint>>",
-            "error string",
-        ]
-    )
-
-
-def _flatten(columns: Columns, result) -> list:
-    """The udf's struct as the local engine's columns. MLflow's conversion also turns a null string
-    into 'None' and a null boolean into false once a batch has any value: a row is a failure when its
-    error is a message, and then every answer column is null, as in the local engine."""
-    from pyspark.sql import functions as F
-
-    failed = result["error"].isNotNull() & (result["error"] != "None")
-
-    def answered(name: str):
-        return F.when(~failed, result[name]).alias(name)
-
-    flat = [answered(name) for name in ("label", "confidence", "probabilities", "uncertain", *columns.optional)]
-    flat.append(
-        F.when(failed, F.array().cast("array<bigint>"))
-        .otherwise(F.transform(result["similar"], lambda item: item["id"]))
-        .alias("similar_ids")
-    )
-    flat.append(F.when(failed, result["error"]).alias("error"))
-    return flat
-
-
-def _spark_row(row: dict, columns: Columns) -> dict:
-    text = row.pop("probabilities")
-    probabilities = ast.literal_eval(text) if text else {}
-    row.update({f"p_{label}": _number(probabilities.get(label)) for label in columns.labels})
-    row["confidence"] = _number(row["confidence"])
-    return {name: row[name] for name in columns.names}
-
-
-def _hash_frames(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """On the executors: each file's sha256, or why it cannot be read (the bytes are not kept)."""
-    for frame in frames:
-        reads = [read_hashed(Entry(p, f, m)) for p, f, m in zip(frame.path, frame.file, frame.member, strict=True)]
-        yield frame.assign(sha256=[r.sha256 for r in reads], read_error=[r.error for r in reads])
-
-
-def _read_frames(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """On the executors: the bytes of one file per content, for the model."""
-    for frame in frames:
-        yield pd.DataFrame(
-            {
-                "sha256": frame.sha256,
-                "image": [read_hashed(Entry(p, f, m)).data for p, f, m in zip(frame.path, frame.file, frame.member, strict=True)],
-            }
-        )
-
-
-def _ship_code(spark) -> None:
-    """Send steps/ and pyfunc/ to the executors: the readers above run there."""
-    import tempfile
-
-    root = Path(__file__).resolve().parents[1]
-    archive = Path(tempfile.mkdtemp(prefix="animal-faces-")) / "animal_faces_code.zip"
-    with zipfile.ZipFile(archive, "w") as bundle:
-        for package in ("steps", "pyfunc"):
-            for source in sorted((root / package).glob("*.py")):
-                bundle.write(source, f"{package}/{source.name}")
-    spark.sparkContext.addPyFile(str(archive))
-
-
-# ---------------------------------------------------------------------------------------------
 # Progress, summary, contact sheet
 
 
@@ -785,7 +666,7 @@ class Result:
 
 
 def score(
-    source: Path,
+    source: Path | str,
     output: Path,
     model_uri: str = defaults.SCORE_MODEL_URI,
     engine: str = defaults.SCORE_ENGINE,
@@ -804,7 +685,9 @@ def score(
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1: {batch_size}")
     if engine == "spark":
-        _check_spark()
+        from steps import score_spark
+
+        score_spark.check()
     inputs = list_inputs(source)
     try:
         info = mlflow.models.get_model_info(model_uri)
@@ -847,6 +730,8 @@ def _engine(
     import mlflow
 
     if engine == "spark":
+        from steps.score_spark import score_spark, spark_session
+
         return score_spark(spark_session(spark_master), model_uri, todo, columns, batch_size)
     model = mlflow.pyfunc.load_model(model_uri)
     answered = previous[previous.sha256.notna() & previous.error.isna()]
@@ -893,7 +778,9 @@ def log_run(args: argparse.Namespace, result: Result, output: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, required=True, help="a folder, a .zip, or a text file listing paths")
+    parser.add_argument(
+        "--input", type=image_store.root_argument, required=True, help="a folder, a .zip, a text file listing paths, or s3://bucket/prefix"
+    )
     parser.add_argument("--output", type=Path, required=True, help="a .parquet or .csv file")
     parser.add_argument("--model-uri", default=defaults.SCORE_MODEL_URI)
     parser.add_argument("--engine", choices=ENGINES, default=defaults.SCORE_ENGINE)

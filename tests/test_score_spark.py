@@ -5,8 +5,12 @@ requirements-test.txt, so in CI this runs; it skips (saying why) only where Java
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from steps import score as scoring
+from steps import score_spark, spark_cluster
 from steps.defaults import SCORE_MODEL_URI
 from tests.outputs import TOLERANCE
 from tests.test_score import BAD, check_rows, collection, model  # noqa: F401 (fixtures)
+from tests.test_team import s3  # noqa: F401 (the team tests' S3-protocol server: moto on loopback)
 
 
 def java() -> str | None:
@@ -36,7 +42,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def spark():
     pytest.importorskip("pyspark", reason="pyspark is not installed: `make install-test` installs it")
-    session = scoring.spark_session("local[2]")
+    session = score_spark.spark_session("local[2]")
     yield session
     session.stop()
 
@@ -50,7 +56,14 @@ def test_spark_gives_the_local_engines_rows(collection, model, spark, tmp_path):
 
     table = pq.read_table(tmp_path / "spark.parquet").to_pandas()
     check_rows(table, good, model)
-    expected = pq.read_table(tmp_path / "local.parquet").to_pandas()
+    assert_same_rows(table, pq.read_table(tmp_path / "local.parquet").to_pandas())
+    assert on_spark.summary.labels == local.summary.labels
+    assert on_spark.summary.errors == local.summary.errors == len(BAD)
+    assert on_spark.summary.error_kinds == local.summary.error_kinds
+
+
+def assert_same_rows(table: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """The same rows as the local engine's, in the same order."""
     assert list(table.columns) == list(expected.columns)
     assert table.path.tolist() == expected.path.tolist()
     # The model's numbers within float32 tolerance; what follows from them (label, flags, neighbours) is
@@ -61,9 +74,6 @@ def test_spark_gives_the_local_engines_rows(collection, model, spark, tmp_path):
             pd.testing.assert_series_equal(table[name], expected[name], atol=TOLERANCE, rtol=0)
         elif name not in from_the_model:
             assert [_plain(v) for v in table[name]] == [_plain(v) for v in expected[name]], name
-    assert on_spark.summary.labels == local.summary.labels
-    assert on_spark.summary.errors == local.summary.errors == len(BAD)
-    assert on_spark.summary.error_kinds == local.summary.error_kinds
 
 
 def test_spark_reads_a_zip(collection, model, spark, tmp_path):  # noqa: F811
@@ -81,3 +91,137 @@ def test_spark_reads_a_zip(collection, model, spark, tmp_path):  # noqa: F811
 
 def _plain(value):
     return list(value) if hasattr(value, "__len__") and not isinstance(value, str) else value
+
+
+# --- a standalone cluster on loopback: a master and two workers, as `make spark-up` starts them ------
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """Spark's own master and two 1-core workers on free loopback ports (steps/spark_cluster.py),
+    stopped at the end of the session whatever happened."""
+    pytest.importorskip("pyspark", reason="pyspark is not installed: `make install-test` installs it")
+    state = tmp_path_factory.mktemp("spark-cluster")
+    try:
+        yield spark_cluster.start(state, workers=2, cores=1, memory="2g")
+    finally:
+        spark_cluster.stop(state)
+
+
+@pytest.fixture
+def fresh_session():
+    """No Spark session before or after: `score` then starts its own application on the master it is
+    given (getOrCreate would hand it the local[2] session), with this environment (the S3 variables)."""
+    from pyspark.sql import SparkSession
+
+    def stop() -> None:
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            active.stop()
+
+    stop()
+    yield
+    stop()
+
+
+def test_standalone_cluster_gives_the_local_engines_rows(collection, model, cluster, fresh_session, tmp_path):  # noqa: F811
+    folder, good = collection
+    local = scoring.score(folder, tmp_path / "local.parquet", SCORE_MODEL_URI, batch_size=4, interactive=False)
+    assert spark_cluster.alive_workers(cluster) == 2
+    code = scoring.main(
+        ["--input", str(folder), "--output", str(tmp_path / "cluster.parquet"), "--engine", "spark"]
+        + ["--spark-master", cluster.master, "--batch-size", "4"]
+    )
+    assert code == 0
+    table = pq.read_table(tmp_path / "cluster.parquet").to_pandas()
+    check_rows(table, good, model)
+    assert_same_rows(table, local.table)
+    assert _executors_that_ran_tasks(cluster) == 2  # the work was spread over both workers
+
+
+def _executors_that_ran_tasks(cluster: spark_cluster.Cluster) -> int:
+    """How many executors of the running application finished tasks, by the workers' logs of them."""
+    from pyspark.sql import SparkSession
+
+    application = SparkSession.getActiveSession().sparkContext.applicationId
+    logs = (Path(cluster.state) / "work").glob(f"worker-*/{application}/*/stderr")
+    return sum(1 for log in logs if "Finished task" in log.read_text(errors="replace"))
+
+
+def test_standalone_cluster_reads_the_teams_bucket(collection, model, cluster, fresh_session, s3, tmp_path):  # noqa: F811
+    """s3://bucket/prefix and a list of s3:// keys: the executors read the objects through the image
+    store. The workers were started before the S3 variables were set: the executors have them from
+    the driver (spark.executorEnv.*)."""
+    folder, good = collection
+    for relative, data in good.items():
+        s3.put_object(Bucket="images", Key=f"incoming/{relative}", Body=data)
+    s3.put_object(Bucket="images", Key="incoming/bad/not_an_image.jpg", Body=b"a text file with a .jpg name")
+    s3.put_object(Bucket="images", Key="incoming/notes.txt", Body=b"not an image, not a row")
+    s3.put_object(Bucket="images", Key="incoming/.hidden.jpg", Body=good["top.jpg"])
+    bad = {"bad/not_an_image.jpg": "not an image"}
+
+    local = scoring.score("s3://images/incoming", tmp_path / "local.parquet", SCORE_MODEL_URI, batch_size=4, interactive=False)
+    check_rows(local.table, good, model, bad)
+    on_cluster = scoring.score(
+        "s3://images/incoming/", tmp_path / "cluster.parquet", engine="spark", spark_master=cluster.master, batch_size=4, interactive=False
+    )
+    assert_same_rows(pq.read_table(tmp_path / "cluster.parquet").to_pandas(), pq.read_table(tmp_path / "local.parquet").to_pandas())
+    assert on_cluster.summary.ignored == local.summary.ignored == {".txt": 1}
+    assert on_cluster.summary.duplicates == 1
+
+    listing = tmp_path / "keys.txt"
+    listing.write_text("s3://images/incoming/top.jpg\ns3://images/incoming/gone.jpg\n")
+    listed = scoring.score(listing, tmp_path / "listed.csv", engine="spark", spark_master=cluster.master, interactive=False)
+    rows = listed.table.set_index("path")
+    assert rows.loc["s3://images/incoming/top.jpg"].sha256 == hashlib.sha256(good["top.jpg"]).hexdigest()
+    assert rows.loc["s3://images/incoming/top.jpg"].error is None
+    assert rows.loc["s3://images/incoming/gone.jpg"].error == "cannot read: no such object in the store"
+
+
+@pytest.fixture
+def many_images(pipeline, tmp_path_factory) -> Path:
+    """600 distinct small photos: enough that a job of 8-file slices is still running when a worker is killed."""
+    from steps.extract import extract
+
+    root = tmp_path_factory.mktemp("many")
+    extract("synthetic", root / "images", root / "metadata.csv", images_per_class=200, seed=11, synthetic_size=64)
+    return root / "images"
+
+
+def test_a_worker_killed_mid_job(model, many_images, fresh_session, tmp_path_factory, tmp_path):  # noqa: F811
+    """Kill one worker's whole process tree (its executor and Python workers) once the first rows
+    are written: the job finishes on the other worker (Spark runs the lost tasks again) or stops
+    with one line and the same command resumes; the output is complete or absent, never partial."""
+    state = tmp_path_factory.mktemp("spark-cluster-to-break")
+    own = spark_cluster.start(state, workers=2, cores=1, memory="2g")  # its own: the session's cluster stays whole
+    output = tmp_path / "scored.parquet"
+    outcome: dict[str, object] = {}
+
+    def job() -> None:
+        try:
+            outcome["result"] = scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=8, interactive=False)
+        except scoring.InputError as error:
+            outcome["error"] = error
+
+    try:
+        worker = threading.Thread(target=job)
+        worker.start()
+        partial = output.with_name(output.name + ".partial")
+        while worker.is_alive() and not list(partial.glob("part-*.parquet")):
+            time.sleep(0.2)
+        assert not output.exists(), "the job ended before the worker could be killed: make the input bigger"
+        victim = own.pids["worker-0"]
+        spark_cluster.kill(victim, signal.SIGKILL)
+        worker.join()
+        assert not spark_cluster._running(victim)
+        if "error" in outcome:  # stopped: one line, nothing under the output's name, a re-run resumes
+            message = str(outcome["error"])
+            assert "\n" not in message and message.startswith("the Spark job failed"), message
+            assert not output.exists() and list(partial.glob("part-*.parquet"))
+            scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=8, interactive=False)
+    finally:
+        spark_cluster.stop(state)
+    table = pq.read_table(output).to_pandas()
+    expected = scoring.score(many_images, tmp_path / "local.parquet", SCORE_MODEL_URI, batch_size=8, interactive=False).table
+    assert len(table) == 600 and table.error.isna().all()
+    assert_same_rows(table, expected)
