@@ -349,10 +349,18 @@ class Store:
         if self.output.exists():
             frames.append(self._read_output())
         if self.partial.is_dir():
-            self._check_manifest()
-            parts = sorted(self.partial.glob("part-*.parquet"))
-            frames += [pq.read_table(part).to_pandas() for part in parts]
-            self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
+            try:
+                self._check_manifest()
+                parts = sorted(self.partial.glob("part-*.parquet"))
+                frames += [pq.read_table(part).to_pandas() for part in parts]
+                self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
+            except InputError:
+                raise
+            except (ValueError, OSError, pa.ArrowException) as error:  # a manifest or part that score did not write
+                reason = str(error)[:200]
+                raise InputError(
+                    f"{self.partial} holds a file that score did not write ({reason}): delete the folder to start over"
+                ) from None
         if not frames:
             return pd.DataFrame(columns=self.columns.names)
         # The newest row of a path wins: a file changed since the output was written is scored again.

@@ -135,6 +135,19 @@ def test_an_output_that_is_not_a_score_table_is_refused_before_the_model_loads(m
     assert not output.with_name(name + ".partial").exists() and not output.with_name(name + ".lock").exists()
 
 
+@pytest.mark.parametrize(
+    "name, content", [("manifest.json", b"{not json"), ("part-000000.parquet", b"not parquet"), ("part-x.parquet", b"")]
+)
+def test_parts_that_score_did_not_write_are_refused_before_the_model_loads(model, tmp_path, capsys, name, content):
+    photos(tmp_path / "in", {"a.jpg": b"IMG a"})
+    output = tmp_path / "o.parquet"
+    (tmp_path / "o.parquet.partial").mkdir()
+    (tmp_path / "o.parquet.partial" / name).write_bytes(content)
+    assert scoring.main(["--input", str(tmp_path / "in"), "--output", str(output), "--model-uri", "models:/fake/1"]) == 2
+    assert "o.parquet.partial holds a file that score did not write" in one_line_error(capsys)
+    assert model.loads == [] and (tmp_path / "o.parquet.partial" / name).read_bytes() == content
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(model, tmp_path, capsys, monkeypatch):
     photos(tmp_path / "in", {"a.jpg": b"IMG a"})
     (tmp_path / "not-a-folder").write_text("a file where the output's folder should be")
