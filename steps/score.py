@@ -15,6 +15,7 @@ content are scored once. docs/scoring.md has the columns and the Spark engine.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -28,8 +29,8 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +47,17 @@ from team.preflight import one_line_errors, permission_problem
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif"}
 MAX_FILE_BYTES = 50 * 1024 * 1024  # far above any photo; keeps a mislabelled video out of memory
 READERS = 4  # threads reading and hashing files ahead of the model: I/O, not CPU
+# Bytes of files held at once, whatever the files: by the reads ahead of the model, by the batch
+# being filled and by the batches the model has not answered yet (a batch ends at batch_size files
+# or at BATCH_BYTES). Without them, 40 files of 49 MB (a 9 MB .zip of zeros) were all held at once.
+READ_AHEAD_BYTES = 256 * 1024 * 1024
+BATCH_BYTES = 128 * 1024 * 1024
+IN_FLIGHT_BYTES = 512 * 1024 * 1024
+GONE = "gone from the input: scored by an earlier run, no longer in the input"  # the error of such a row
+CSV_TEXT_COLUMNS = ("path", "sha256", "label", "error")
+# What a spreadsheet takes as the start of a formula (OWASP's CSV injection list), and the quote
+# that neutralises it (a leading quote is doubled, so reading the CSV back is exact).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 # What reading one file or one .zip entry can raise when that file is damaged or unreadable.
 UNREADABLE = (OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 OPTIONAL_OUTPUTS = {"unfamiliar": pa.bool_(), "familiarity": pa.float64()}  # newer models only
@@ -89,6 +101,8 @@ def list_inputs(source: Path | str) -> Inputs:
         return _folder(source)
     if not source.exists():
         raise InputError(f"input not found: {source}")
+    if not source.is_file():  # opening a FIFO to see what it holds would wait for a writer forever
+        raise InputError(f"input {source} is not a folder nor a regular file (a FIFO, socket or device cannot be scored)")
     if source.suffix.lower() in IMAGE_SUFFIXES:
         return Inputs([Entry(source.name, str(source.resolve()))])
     if source.suffix.lower() == ".zip" or zipfile.is_zipfile(source):
@@ -139,6 +153,12 @@ def _zip(source: Path) -> Inputs:
         raise InputError(f"cannot open {source} as a .zip: {error}") from None
     inputs = Inputs([])
     for name in sorted(names):
+        if _outside(name):  # never skipped silently: an image is an error row (_read_member), anything else is counted
+            if _is_image_name(name):
+                inputs.entries.append(Entry(name, str(source.resolve()), name))
+            else:
+                inputs.ignored[_suffix(name)] += 1
+            continue
         if any(part.startswith(".") or part == "__MACOSX" for part in name.split("/")):
             continue  # what macOS adds to an archive, not photos
         if _is_image_name(name):
@@ -163,8 +183,24 @@ def _listing(source: Path) -> Inputs:
         if image_store.is_object_store(path):  # an object in the team's bucket, read through the store
             entries.append(Entry(path, path))
             continue
-        entries.append(Entry(path, str(source.parent.absolute() / Path(path).expanduser())))
+        entries.append(Entry(path, _listed_file(source.parent.absolute(), path)))
     return Inputs(entries)
+
+
+def _listed_file(folder: Path, path: str) -> str:
+    """The file a line of a list names. A line that cannot name one stays as written, so that
+    read_entry makes it an error row: a NUL byte, or `~nosuchuser/` (expanduser raises)."""
+    if "\0" in path:
+        return path
+    try:
+        return str(folder / Path(path).expanduser())
+    except RuntimeError:
+        return str(folder / path)
+
+
+def _outside(name: str) -> bool:
+    """A .zip member name that would lead outside the archive's folder ('../x.jpg', '/x.jpg')."""
+    return name.startswith("/") or "\\" in name or ".." in name.split("/")
 
 
 def _is_image_name(name: str) -> bool:
@@ -194,21 +230,34 @@ def read_entry(entry: Entry) -> bytes:
         if info.st_size > MAX_FILE_BYTES:
             raise _too_large(info.st_size)
         with open(entry.file, "rb") as handle:
-            return handle.read(MAX_FILE_BYTES + 1)
+            data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as error:
         raise ReadError(f"cannot read: {error.strerror or error}") from None
+    except ValueError:  # os.stat's "embedded null byte"
+        raise ReadError("cannot read: the path holds a NUL byte") from None
+    if len(data) > MAX_FILE_BYTES:  # grown since the stat
+        raise _too_large(len(data))
+    return data
 
 
 def _read_member(entry: Entry) -> bytes:
+    if _outside(entry.member):
+        raise ReadError("cannot read from the .zip: its name leads outside the archive")
     archives: dict[str, zipfile.ZipFile] = _zips.__dict__.setdefault("open", {})
     try:
         archive = archives.get(entry.file) or archives.setdefault(entry.file, zipfile.ZipFile(entry.file))
         info = archive.getinfo(entry.member)
         if info.file_size > MAX_FILE_BYTES:
             raise _too_large(info.file_size)
-        return archive.read(info)
+        # One bounded read, never archive.read(): that decompresses the whole member in one call
+        # (1 GiB for a member whose header says 1,000 bytes) before checking it against the header.
+        with archive.open(info) as member:
+            data = member.read(MAX_FILE_BYTES + 1)
     except (KeyError, *UNREADABLE) as error:
         raise ReadError(f"cannot read from the .zip: {error}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise _too_large(len(data))
+    return data
 
 
 def _read_object(entry: Entry) -> bytes:
@@ -340,13 +389,26 @@ class Store:
         if self.output.exists():
             frames.append(self._read_output())
         if self.partial.is_dir():
-            self._check_manifest()
-            parts = sorted(self.partial.glob("part-*.parquet"))
-            frames += [pq.read_table(part).to_pandas() for part in parts]
-            self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
+            try:
+                self._check_manifest()
+                parts = sorted(self.partial.glob("part-*.parquet"))
+                frames += [pq.read_table(part).to_pandas() for part in parts]
+                self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
+            except InputError:
+                raise
+            except (ValueError, OSError, pa.ArrowException) as error:  # a manifest or part that score did not write
+                reason = str(error)[:200]
+                raise InputError(
+                    f"{self.partial} holds a file that score did not write ({reason}): delete the folder to start over"
+                ) from None
         if not frames:
             return pd.DataFrame(columns=self.columns.names)
-        return pd.concat(frames, ignore_index=True).drop_duplicates("path", keep="first")
+        # The newest row of a path wins: a file changed since the output was written is scored again.
+        return pd.concat(frames, ignore_index=True).drop_duplicates("path", keep="last")
+
+    def gone(self, path: str) -> dict:
+        """The row of a file no longer in the input: it says so, with no answer that no longer describes a file."""
+        return {"path": path, "sha256": None, **self.columns.failed(GONE)}
 
     def has_parts(self) -> bool:
         return self.partial.is_dir() and any(self.partial.glob("part-*.parquet"))
@@ -363,13 +425,18 @@ class Store:
         self._next_part += 1
 
     def finish(self, order: list[str]) -> pd.DataFrame:
-        """Write the whole table (input order; rows of files no longer in the input last) and
-        remove the parts. Returns the table."""
+        """Write the whole table (input order; rows of files no longer in the input last, their answer
+        replaced by the GONE error) and remove the parts. Returns the table."""
         table = self.previous()
         position = {path: i for i, path in enumerate(order)}
         rank = table["path"].map(position).fillna(len(order)).to_numpy()
         table = table.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
         table = table[self.columns.names]
+        gone = ~table["path"].isin(position)
+        if gone.any():
+            records = table.to_dict("records")
+            rows = [self.gone(row["path"]) if out else row for row, out in zip(records, gone, strict=True)]
+            table = pd.DataFrame(rows, columns=self.columns.names)
         if self.output.suffix.lower() == ".csv":
             _replace(self.output, lambda tmp: _to_csv(table, tmp), sync=True)
         else:
@@ -391,10 +458,14 @@ class Store:
             )
 
     def _read_output(self) -> pd.DataFrame:
-        if self.output.suffix.lower() == ".csv":
-            table = _from_csv(self.output)
-        else:
-            arrow = pq.read_table(self.output)
+        try:
+            if self.output.suffix.lower() == ".csv":
+                table = _from_csv(self.output)
+            else:
+                arrow = pq.read_table(self.output)
+        except (ValueError, OSError, pa.ArrowException) as error:  # damaged after check_output's look at its header
+            raise InputError(f"cannot read the output {self.output} ({str(error)[:200]}): move it away or write another output") from None
+        if self.output.suffix.lower() != ".csv":
             model = (arrow.schema.metadata or {}).get(b"animal-faces.model", b"").decode()
             if model and model != self.model_id:
                 raise InputError(
@@ -422,7 +493,19 @@ def _replace(target: Path, write: Callable[[Path], object], sync: bool = False) 
 def _to_csv(table: pd.DataFrame, path: Path) -> None:
     table = table.copy()
     table["similar_ids"] = [json.dumps([int(i) for i in ids]) if ids is not None else "[]" for ids in table.similar_ids]
-    table.to_csv(path, index=False)
+    for name in CSV_TEXT_COLUMNS:  # a file named '=HYPERLINK(...).jpg' must stay text in a spreadsheet
+        table[name] = [_neutralised(value) for value in table[name]]
+    # CRLF, as RFC 4180 has it: the writer then quotes a cell holding a lone CR (a file name may),
+    # which readers would otherwise take for the end of the row.
+    table.to_csv(path, index=False, lineterminator="\r\n")
+
+
+def _neutralised(value: str | None) -> str | None:
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def _restored(value: str) -> str:
+    return value[1:] if value.startswith("'") else value
 
 
 def _from_csv(path: Path) -> pd.DataFrame:
@@ -435,9 +518,9 @@ def _from_csv(path: Path) -> pd.DataFrame:
         elif name in ("uncertain", "unfamiliar"):
             table[name] = [flags.get(v) for v in values]
         elif name == "path":
-            continue
+            table[name] = [_restored(v) for v in values]
         elif name in ("sha256", "label", "error"):
-            table[name] = [v or None for v in values]
+            table[name] = [_restored(v) or None for v in values]
         else:
             table[name] = [float(v) if v else None for v in values]
     return table
@@ -463,6 +546,7 @@ def score_local(
     in_flight: deque[tuple[list[Read], list[str], Future]] = deque()
     readers = ThreadPoolExecutor(READERS, thread_name_prefix="score-read")
     scorers = ThreadPoolExecutor(workers, thread_name_prefix="score-model")
+    held: deque[int] = deque()  # bytes sent to the model, per batch in flight
     try:
         for batch in _batched(_read_ahead(readers, entries, 2 * batch_size), batch_size):
             new: dict[str, bytes] = {}
@@ -473,7 +557,10 @@ def score_local(
             future = scorers.submit(predict, model, list(new.values()), columns)
             # Keep the batch without its bytes: only the new contents' bytes go to the model.
             in_flight.append(([Read(r.entry, r.sha256, None, r.error) for r in batch], list(new), future))
-            if len(in_flight) > workers:
+            held.append(sum(map(len, new.values())))
+            del batch  # its bytes: the model's call holds those it needs, counted in `held`
+            while len(in_flight) > workers or (len(in_flight) > 1 and sum(held) > IN_FLIGHT_BYTES):
+                held.popleft()
                 yield _finish_batch(in_flight.popleft(), answers, pending, columns)
         while in_flight:
             yield _finish_batch(in_flight.popleft(), answers, pending, columns)
@@ -503,20 +590,53 @@ def _finish_batch(item: tuple[list[Read], list[str], Future], answers: dict[str,
     return [{"path": r.entry.path, "sha256": r.sha256, **(answers[r.sha256] if r.sha256 else columns.failed(r.error))} for r in batch]
 
 
-def _read_ahead(pool: ThreadPoolExecutor, entries: Iterable[Entry], depth: int) -> Iterator[Read]:
-    """read_hashed(entry) for each entry, in order, with up to `depth` reads running ahead."""
+def _read_ahead(pool: ThreadPoolExecutor, entries: Iterable[Entry], depth: int, max_bytes: int | None = None) -> Iterator[Read]:
+    """read_hashed(entry) for each entry, in order, with up to `depth` reads ahead holding at most
+    `max_bytes` (READ_AHEAD_BYTES): a read counts as MAX_FILE_BYTES (what it may hold) until it is
+    done, then as its size; a new read starts only while one more MAX_FILE_BYTES fits."""
+    max_bytes = READ_AHEAD_BYTES if max_bytes is None else max_bytes
     remaining = iter(entries)
-    queue = deque(pool.submit(read_hashed, entry) for entry in islice(remaining, depth))
+    queue: deque[Future] = deque()
+    lock = threading.Lock()
+    held = [0]  # bytes the queue may hold; updated by the readers' callbacks and here
+
+    def change(by: int) -> None:
+        with lock:
+            held[0] += by
+
+    def refill() -> None:
+        while len(queue) < depth and (not queue or held[0] + MAX_FILE_BYTES <= max_bytes):
+            entry = next(remaining, None)
+            if entry is None:
+                return
+            change(MAX_FILE_BYTES)
+            future = pool.submit(read_hashed, entry)
+            future.add_done_callback(lambda done: change(_size(done) - MAX_FILE_BYTES))
+            queue.append(future)
+
+    refill()
     while queue:
         read = queue.popleft().result()
-        for entry in islice(remaining, 1):
-            queue.append(pool.submit(read_hashed, entry))
+        change(-len(read.data or b""))
+        refill()
         yield read
 
 
-def _batched(items: Iterable, size: int) -> Iterator[list]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
+def _size(future: Future) -> int:
+    return 0 if future.cancelled() or future.exception() else len(future.result().data or b"")
+
+
+def _batched(reads: Iterable[Read], size: int) -> Iterator[list[Read]]:
+    """Lists of `size` reads, or fewer when their bytes reach BATCH_BYTES."""
+    batch: list[Read] = []
+    held = 0
+    for read in reads:
+        batch.append(read)
+        held += len(read.data or b"")
+        if len(batch) == size or held >= BATCH_BYTES:
+            yield batch
+            batch, held = [], 0
+    if batch:
         yield batch
 
 
@@ -674,10 +794,8 @@ def score(
     batch_size: int = defaults.SCORE_BATCH_SIZE,
     interactive: bool | None = None,
 ) -> Result:
-    """Score every file of `source` into `output` (see the module docstring). Raises InputError."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+    """Score every file of `source` into `output` (see the module docstring), holding the output's
+    lock (`<output>.lock`) throughout. Raises InputError."""
     if output.suffix.lower() not in (".parquet", ".csv"):
         raise InputError(f"output must end with .parquet or .csv: {output}")
     if engine not in ENGINES:
@@ -688,6 +806,15 @@ def score(
         from steps import score_spark
 
         score_spark.check()
+    with output_lock(output):
+        return _score(source, output, model_uri, engine, spark_master, batch_size, interactive)
+
+
+def _score(source: Path, output: Path, model_uri: str, engine: str, spark_master: str, batch_size: int, interactive: bool | None) -> Result:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    check_output(output)  # before the input is listed or the model loaded: a bad output is a one-line error at once
     inputs = list_inputs(source)
     try:
         info = mlflow.models.get_model_info(model_uri)
@@ -698,10 +825,17 @@ def score(
     store = Store(output, columns, model_id)
     previous = store.previous()
     done = set(previous.path)
-    todo = [entry for entry in inputs.entries if entry.path not in done]
+    changed = _changed([entry for entry in inputs.entries if entry.path in done], previous)
+    todo = [entry for entry in inputs.entries if entry.path not in done or entry.path in changed]
+    gone = set(previous.path[previous.error != GONE]) - {entry.path for entry in inputs.entries}
     seconds = 0.0
     if todo:
-        print(f"score: {len(todo):,} files to score ({len(done):,} already scored) with {model_uri} on the {engine} engine", flush=True)
+        kept = len(inputs.entries) - len(todo)
+        print(
+            f"score: {len(todo):,} files to score ({kept:,} already scored, {len(changed):,} of them again: changed since) "
+            f"with {model_uri} on the {engine} engine",
+            flush=True,
+        )
         batches = _engine(engine, model_uri, todo, columns, batch_size, spark_master, previous)
         # The clock starts once the model is loaded (local) or the session is up (Spark): it measures
         # scoring, which is what grows with the collection.
@@ -714,13 +848,88 @@ def score(
         finally:
             progress.close()
         seconds = time.monotonic() - started
-    if todo or store.has_parts() or not output.exists():
+    if todo or gone or store.has_parts() or not output.exists():
         table = store.finish([entry.path for entry in inputs.entries])
     else:
         table = previous  # a finished output and nothing new: leave the file as it is
         print(f"score: all {len(inputs.entries):,} files are already in {output}; nothing to do", flush=True)
     summary = summarize(table, columns, len(todo), seconds, inputs.ignored)
     return Result(summary, table, {entry.path: entry for entry in inputs.entries}, model_id)
+
+
+def _changed(entries: list[Entry], previous: pd.DataFrame) -> set[str]:
+    """Paths among `entries` (all with a row in `previous`) whose row no longer describes the file: its
+    content (sha256) is not the one scored, or the row says it was gone. Every file is hashed again:
+    reading is cheap next to the model, and a size or a date can stay the same when the content does not."""
+    old = {row.path: (row.sha256 if isinstance(row.sha256, str) else None, row.error) for row in previous.itertuples()}
+    with ThreadPoolExecutor(READERS, thread_name_prefix="score-check") as pool:
+        return {
+            read.entry.path
+            for read in _read_ahead(pool, entries, 4 * READERS)
+            if read.sha256 != old[read.entry.path][0] or old[read.entry.path][1] == GONE
+        }
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold `<output>.lock` (fcntl.flock) while scoring into `output`: a second `score` on the same
+    output is refused at once instead of writing the same parts. The system releases the lock when
+    the process ends, however it ends (kill -9 included); the file is removed on the way out."""
+    lock = output.with_name(output.name + ".lock")
+    while True:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a+")  # noqa: SIM115 - held until the end of the job
+        except OSError as error:  # the first write: an output folder that cannot be written fails here, before any work
+            raise InputError(f"cannot write the output {output}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(20).strip() or "?"
+            handle.close()
+            raise InputError(f"another score (process {holder}) is writing {output}: wait for it to end, or write another output") from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
+
+
+def check_output(output: Path) -> None:
+    """An output that exists must be one `score` wrote (its parts a folder), else InputError: found
+    now, not after the model has loaded or a whole collection has been scored."""
+    partial = output.with_name(output.name + ".partial")
+    if partial.exists() and not partial.is_dir():
+        raise InputError(f"{partial} is in the way (not the folder of an interrupted run): move it away or write another output")
+    if not output.exists():
+        return
+    if not output.is_file():
+        raise InputError(f"the output {output} exists and is not a file: write another output")
+    if output.suffix.lower() == ".csv":
+        try:
+            with open(output, encoding="utf-8") as handle:
+                ours = handle.readline(1000).startswith("path,sha256,")
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            raise InputError(f"the output {output} exists and is not a table written by score: move it away or write another output")
+        return
+    try:
+        pq.read_schema(output)
+    except (pa.ArrowException, OSError) as error:
+        reason = str(error)[:200]
+        raise InputError(f"the output {output} exists and is not a Parquet file ({reason}): move it away or write another output") from None
 
 
 def _engine(
