@@ -258,6 +258,7 @@ def log_animal_model(
                 # The statistics are in familiarity.npz; these are for people reading the model's files.
                 "familiarity": {
                     "layers": list(familiarity_layers),
+                    "signal": familiarity.signal,
                     "threshold": familiarity.threshold,
                     "flag_share": familiarity.flag_share,
                 },

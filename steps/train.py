@@ -411,9 +411,38 @@ def fit_head(
         train_images=tf.data.Dataset.from_tensor_slices(train_features),
         val_images=tf.data.Dataset.from_tensor_slices(val_features),
     )
-    history = fit(head_model, on_features, replace(hp, augment=0.0), epochs, patience, seed, callbacks, initial_epoch)
+    wrapped = [OnNetwork(callback, model, head_model, names) for callback in callbacks or []]
+    history = fit(head_model, on_features, replace(hp, augment=0.0), epochs, patience, seed, wrapped, initial_epoch)
     copy_weights(head_model, model, names)
     return history
+
+
+class OnNetwork(keras.callbacks.Callback):
+    """A callback of the head's fit, shown the whole network with the head's current weights:
+    KerasTuner's checkpoints save, and later load, the whole network's weights, not the head's."""
+
+    def __init__(self, inner: keras.callbacks.Callback, network: keras.Model, head_model: keras.Model, names: list[str]):
+        super().__init__()
+        self.inner, self.network, self.head_model, self.names = inner, network, head_model, names
+
+    def set_model(self, model: keras.Model) -> None:
+        self.inner.set_model(self.network)
+
+    def set_params(self, params: dict) -> None:
+        self.inner.set_params(params)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.inner.on_train_begin(logs)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.inner.on_epoch_begin(epoch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        copy_weights(self.head_model, self.network, self.names)
+        self.inner.on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.inner.on_train_end(logs)
 
 
 def train_network(

@@ -256,8 +256,9 @@ def tune(
     backbone, weights and fine_tune_epochs for every trial (the rest of it is searched)."""
     started, mode = time.monotonic(), role()
     network = network or train.Hyperparameters()
+    backbones.check(network.backbone, network.weights, network.head)
     if network.backbone != backbones.CNN:  # a missing weights file stops us here, before any work
-        backbones.weights_file(network.backbone, network.weights)
+        backbones.weights_file(network.backbone, network.weights, network.head)
     # Inside `mlflow run`, the run it made for this command; the search's parent run may be another.
     tracking.leave_default_experiment("tune")  # as every step: animal-faces unless told otherwise
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)

@@ -147,6 +147,17 @@ def test_head_epochs_run_on_cached_features_and_a_rerun_hits(tiny_db, top_weight
     assert (metrics["feature_cache_hits"], metrics["feature_cache_misses"]) == (images, 0)
 
 
+def test_tune_searches_the_head_on_cached_features(tiny_db, top_weights, feature_cache, tmp_path):
+    """KerasTuner's checkpoints hold the whole network, though the head trains on features."""
+    from steps.tune import tune
+
+    result = tune(
+        tiny_db, 2, 2, "random", SIZE, 1, True, tmp_path / "search", model_name="animal-imagenet-tune", network=hp_for(top_weights)
+    )
+    assert len(result.trials) == 2 and result.best.head == "imagenet" and 0 <= result.best_val_accuracy <= 1
+    assert len(list(feature_cache.rglob("*.npy"))) == len(catalogue_files(tiny_db, None))  # computed once for both trials
+
+
 def test_cached_features_are_the_backbones_own(top_weights, feature_cache):
     import tensorflow as tf
 
