@@ -108,3 +108,24 @@ def test_postgres_stopped_inside_a_write_is_one_line_and_nothing_half_written(ho
     conn = catalogue.connect(url, readonly=True)
     assert catalogue.image_path(conn, 1) is None  # the insert was never committed
     conn.close()
+
+
+def test_a_slow_postgresql_catalogue_is_cut_at_the_pages_time_limit(home, monkeypatch):
+    """The page's CATALOGUE_TIMEOUT on PostgreSQL is its statement_timeout: an `images` view that
+    sleeps 30 s makes /healthz say the catalogue is not readable instead of waiting for it."""
+    import psycopg
+
+    from team.cluster import Layout, start_postgres
+    from web.app import create_app
+
+    layout = Layout(home, "127.0.0.1", free_port(), free_port())
+    start_postgres(layout)
+    monkeypatch.setenv("PGPASSWORD", layout.password())
+    with psycopg.connect(layout.database_url("animal"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE real_images (id INTEGER PRIMARY KEY, path TEXT)")
+        conn.execute("INSERT INTO real_images VALUES (1, 'cat/a.jpg')")
+        conn.execute("CREATE VIEW images AS SELECT r.id, r.path FROM real_images r CROSS JOIN LATERAL (SELECT pg_sleep(30)) s")
+    page = create_app({"ANIMAL_DB": layout.database_url("animal"), "CATALOGUE_TIMEOUT": 1, "SCORING_URL": "http://127.0.0.1:9/invocations"})
+    client = page.test_client()
+    assert client.get("/healthz").json["catalogue"] == {"readable": False}
+    assert client.get("/images/1").status_code == 503
