@@ -72,7 +72,7 @@ clean:  ## generated data, catalogue, runs (not the venv)
 	rm -rf data databases/*.db databases/*.db-* mlflow.db mlruns mlartifacts outputs
 
 # Benchmarks: each prints measured figures as tables (docs/performance.md).
-BENCHES := serving training recommender accuracy batch_scoring spark_scoring unfamiliar decoding limits slow_clients
+BENCHES := serving training recommender accuracy batch_scoring spark_scoring unfamiliar decoding limits slow_clients row_memory
 .PHONY: bench $(addprefix bench-,$(BENCHES))
 bench: $(addprefix bench-,$(BENCHES))  ## every benchmark, one after the other
 $(addprefix bench-,$(BENCHES)): bench-%: install  ## one benchmark, e.g. make bench-serving

@@ -35,8 +35,17 @@ def start_run(name: str):
     if not chosen and mlflow.active_run() is None:
         mlflow.set_experiment(EXPERIMENT)
     run = mlflow.start_run(run_name=name)
+    _started.append(run.info.run_id)
     mlflow.set_tag("mlflow.runName", name)  # also when resuming the run `mlflow run` made
     return run
+
+
+_started: list[str] = []  # the runs this process started, for the line that says one was left RUNNING
+
+
+def started_run_id() -> str | None:
+    """The last run this process started with start_run, if any."""
+    return _started[-1] if _started else None
 
 
 def leave_default_experiment(name: str) -> None:

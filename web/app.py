@@ -101,7 +101,7 @@ def load_config(overrides: dict | None = None) -> dict:
 def create_app(config: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.request_class = InMemoryRequest
-    app.url_map.converters["id"] = CatalogueId
+    app.url_map.converters["int"] = CatalogueId  # every <int:...> of this app: ASCII digits only
     app.config.update(load_config(config))
     app.json.sort_keys = False  # /api/predict keeps the model's column order
     app.extensions["animal"] = Services(
@@ -131,7 +131,7 @@ def add_routes(app: Flask) -> None:
     app.add_url_rule("/", "index", index, methods=["GET"])
     app.add_url_rule("/predict", "predict_page", predict_page, methods=["POST"])
     app.add_url_rule("/api/predict", "predict_api", predict_api, methods=["POST"])
-    app.add_url_rule("/images/<id:image_id>", "image", image, methods=["GET"])
+    app.add_url_rule("/images/<int:image_id>", "image", image, methods=["GET"])
     app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
     app.add_url_rule("/api/model", "model_api", model_api, methods=["GET"])
     app.add_url_rule("/model", "model_page", model_page, methods=["GET"])
