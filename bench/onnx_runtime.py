@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--score", default="1000,4000", help="file counts for `score` (CNN); empty: none")
+    parser.add_argument("--no-cnn", action="store_true", help="MobileNetV2 only (with --mobilenet-v2)")
     parser.add_argument("--score-mobilenet", default="1000", help="file counts for `score` with MobileNetV2")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     WORKDIR.mkdir(parents=True, exist_ok=True)
     cnn = setup(args.model_uri, epochs=args.epochs)
     os.environ["MLFLOW_TRACKING_URI"] = cnn.tracking_uri
-    models = {"default CNN (64 px)": (cnn.model_uri, [int(x) for x in args.score.split(",") if x])}
+    models = {} if args.no_cnn else {"default CNN (64 px)": (cnn.model_uri, [int(x) for x in args.score.split(",") if x])}
     if args.mobilenet_v2:
         models["MobileNetV2 (224 px)"] = (mobilenet_v2_model(cnn.tracking_uri), [int(x) for x in args.score_mobilenet.split(",") if x])
     body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(photo.read_bytes()).decode("ascii")]]}})

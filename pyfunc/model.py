@@ -37,6 +37,9 @@ DEFAULT_K = 5
 DEFAULT_THRESHOLD = 0.6
 MAX_K = 100
 BATCH = 256  # images per forward pass: bounds memory for large requests
+# Fewer of them for larger inputs: the activations grow with the pixels, and MobileNetV2 at 224 px
+# in passes of 256 held 6.8 GB in `score` (bench/onnx_runtime.py); 64 px networks keep 256.
+FORWARD_PIXELS = BATCH * 64 * 64
 # One request must finish well within the scoring server's timeout (60 s): bigger ones are refused
 # up front (docs/reliability.md has the measured times); batch work goes to `score`.
 MAX_ROWS = 1000
@@ -105,6 +108,7 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
         self.labels: list[str] = config["labels"]
         self.image_size: int = config["image_size"]
         self.max_pixels: int = config.get("max_pixels", MAX_PIXELS)
+        self.batch = max(1, min(BATCH, FORWARD_PIXELS // self.image_size**2))
         self.familiarity = Familiarity.load(context.artifacts["familiarity"])
         if "onnx_model" in context.artifacts and os.environ.get(RUNTIME_VARIABLE, "onnx").lower() != "keras":
             self._forward = self._onnx_forward(context.artifacts["onnx_model"], config["onnx"])
@@ -158,12 +162,12 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
                 rows.append({})
             except ImageError as error:
                 rows.append(_error_row(str(error)))
-        for start in range(0, len(arrays), BATCH):
-            batch = np.stack(arrays[start : start + BATCH])
+        for start in range(0, len(arrays), self.batch):
+            batch = np.stack(arrays[start : start + self.batch])
             probabilities, embeddings, *taps = (np.asarray(t) for t in self._forward(batch))
             familiarity = self.familiarity.scores(self.familiarity.features(taps))
             for index, p, e, f, d in zip(
-                readable[start : start + BATCH], probabilities, embeddings, familiarity, digests[start : start + BATCH]
+                readable[start : start + self.batch], probabilities, embeddings, familiarity, digests[start : start + self.batch]
             ):
                 rows[index] = self._answer(p, e, f, k, threshold, d)
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
