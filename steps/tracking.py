@@ -22,4 +22,8 @@ def start_run(name: str):
         mlflow.set_experiment(EXPERIMENT)
     run = mlflow.start_run(run_name=name)
     mlflow.set_tag("mlflow.runName", name)  # also when resuming the run `mlflow run` made
+    login = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if login:
+        # The author is the tracking server's login (team layout), not the OS user `mlflow run` records.
+        mlflow.set_tag("mlflow.user", login)
     return run
