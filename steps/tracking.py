@@ -37,6 +37,10 @@ def start_run(name: str):
     run = mlflow.start_run(run_name=name)
     _started.append(run.info.run_id)
     mlflow.set_tag("mlflow.runName", name)  # also when resuming the run `mlflow run` made
+    login = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if login:
+        # The author is the tracking server's login (team layout), not the OS user `mlflow run` records.
+        mlflow.set_tag("mlflow.user", login)
     return run
 
 

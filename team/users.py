@@ -87,6 +87,7 @@ def add(layout: Layout, name: str, role: str, experiment: str = defaults.EXPERIM
     experiment_permission, model_permission, catalogue_role = ROLES[role]
     experiment_id = _experiment_id(layout, experiment)
     _ensure_model(layout, model)
+    layout.users_dir.mkdir(mode=0o700, exist_ok=True)  # their passwords: the admin's alone
     password_file = layout.user_password_file(name)
     if password_file.is_file():
         raise TeamError(f"{name} exists already ({password_file}): `python -m team user remove {name}` first")

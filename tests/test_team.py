@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -326,11 +327,12 @@ def test_two_populates_at_once_store_each_image_once(team, tmp_path):
 @pytest.fixture(scope="module")
 def team_pipeline(team, s3, tmp_path_factory):
     """`mlflow run .` (main: extract to s3://images/e2e -> populate on PostgreSQL -> train ->
-    register + promote) against the tracking server, from an empty working folder."""
+    register + promote) against the tracking server, from an empty working folder, as the admin, in
+    the project's experiment (where `team user add` grants the people their roles)."""
     work = tmp_path_factory.mktemp("team-work")
     before = tracking_files()
     url = fresh_database(team, "e2e")
-    env = team_env(team, experiment="team-e2e")
+    env = team_env(team, experiment="animal-faces")
     mlflow_run(
         "main",
         {
@@ -348,7 +350,7 @@ def team_pipeline(team, s3, tmp_path_factory):
     )
     assert not (work / "images").exists()  # the images went to the bucket only
     client = MlflowClient(team.tracking_uri())
-    experiment = client.get_experiment_by_name("team-e2e")
+    experiment = client.get_experiment_by_name("animal-faces")
     trained = client.search_runs([experiment.experiment_id], "tags.model_uri != ''", max_results=1)[0]
     return {"work": work, "db": url, "client": client, "experiment": experiment, "train_run": trained, "env": env, "before": before}
 
@@ -374,11 +376,11 @@ def test_pipeline_runs_against_the_servers_and_writes_no_local_tracking_files(te
     assert tracking_files() == team_pipeline["before"]
 
 
-def test_served_from_the_servers_registry(team_pipeline, team, people, tmp_path, monkeypatch):
+def test_served_from_the_servers_registry(team_pipeline, team, people, tmp_path, monkeypatch, caplog):
     """The scoring server and the page as the reader: its tracking login and the catalogue's reader role."""
     reader = as_person(team, people, "reader", "e2e")
     port, url = free_port(), reader["ANIMAL_DB"]
-    for name in ("PGPASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+    for name in ("PGPASSWORD", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(name, reader[name])  # the page, in this process
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
@@ -443,6 +445,19 @@ def test_served_from_the_servers_registry(team_pipeline, team, people, tmp_path,
             conn.close()
         assert page.get("/images/999999").status_code == 404
         assert page.get("/healthz").get_json()["catalogue"]["readable"] is True
+
+        # What is served is what was promoted: the launcher and the page say which version, whose run.
+        from web.model_info import served_version
+
+        trained = team_pipeline["train_run"]
+        production = team_pipeline["client"].get_model_version_by_alias("animal", "production")
+        expected = f"animal version {production.version} (run {trained.info.run_id}, by {ADMIN})"
+        assert served_version("models:/animal@production", team.tracking_uri()) == expected
+        assert served_version("models:/animal/Production", team.tracking_uri()) == expected
+        with caplog.at_level(logging.INFO, logger="web.model_info"):
+            facts, problem = page.application.extensions["model_info"].facts()
+        assert problem is None and facts["model"]["version"] == production.version
+        assert f"the page describes animal version {production.version} (run {trained.info.run_id}, by {ADMIN})" in caplog.text
     finally:
         process.terminate()
         try:
@@ -758,13 +773,7 @@ def test_a_reader_reads_a_trainer_registers_only_a_releaser_promotes(team_pipeli
     trained = team_pipeline["train_run"]
     model_uri, run_id = trained.data.tags["model_uri"], trained.info.run_id
     before = admin.get_model_version_by_alias("animal", "production")
-    experiment = admin.get_experiment_by_name("animal-faces")  # made by `team user add`
-    # The trainer registers the model the pipeline trained, whose run is in this module's experiment:
-    # reading a run is what registering it needs (their own runs are in animal-faces, where they may edit).
-    from team.users import _call
-
-    grant = {"username": "trainer-1", "resource_type": "experiment", "resource_id": team_pipeline["experiment"].experiment_id}
-    _call(team, "POST", "/api/3.0/mlflow/users/permissions/grant", json={**grant, "permission": "READ"})
+    experiment = team_pipeline["experiment"]  # animal-faces, where the people have their roles
 
     reader = use_login(monkeypatch, people, "reader")
     assert reader.get_model_version_by_alias("animal", "production").version == before.version
@@ -878,3 +887,27 @@ def test_no_password_in_ps_logs_runs_or_open_files(team_pipeline, team, people):
             if path.is_file() and path.stat().st_size < 10**7 and any(s.encode() in path.read_bytes() for s in secrets.values()):
                 assert path.stat().st_mode & 0o777 == 0o600, path
     assert (team.users_dir.stat().st_mode & 0o077) == 0
+
+
+def test_a_cluster_from_before_the_roles_is_handed_over(team):
+    """What the superuser owned in a database (a cluster made before the per-job roles) goes to the
+    database's owner at the next `team up`: here one table, its serial's sequence and an enum type."""
+    import psycopg
+
+    from team.cluster import _hand_over
+
+    with psycopg.connect(team.database_url("postgres", password=True), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS legacy")
+        conn.execute("CREATE DATABASE legacy")
+    with psycopg.connect(team.database_url("legacy", password=True), autocommit=True) as conn:
+        conn.execute("CREATE TYPE kind AS ENUM ('a', 'b')")
+        conn.execute("CREATE TABLE things (id serial PRIMARY KEY, k kind)")
+        conn.execute("CREATE VIEW some_things AS SELECT id FROM things")
+    _hand_over(team, "legacy", WRITER)
+    with psycopg.connect(team.database_url("legacy", password=True), autocommit=True) as conn:
+        owners = conn.execute(
+            "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'S', 'v')"
+        ).fetchall()
+        kind_owner = conn.execute("SELECT pg_get_userbyid(typowner) FROM pg_type WHERE typname = 'kind'").fetchone()[0]
+    assert dict(owners) == {"things": WRITER, "things_id_seq": WRITER, "some_things": WRITER} and kind_owner == WRITER

@@ -30,6 +30,44 @@ TTL = 60.0  # seconds a card is kept; a promotion shows up within this
 FACTS_FILE = "model_card.json"  # steps.model_card.FACTS_FILE (not imported: that module needs pandas)
 
 
+def version_author(client, version) -> str:
+    """Who made a version: its run's `mlflow.user` (the tracking login that logged it, as the client
+    reported it), or "unknown" when the run is gone or unreadable."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(version.run_id).data.tags.get("mlflow.user", "unknown") if version.run_id else "unknown"
+    except MlflowException:
+        return "unknown"
+
+
+def served_version(model_uri: str, tracking_uri: str | None = None) -> str | None:
+    """ "<name> version <n> (run <id>, by <user>)" for a registry URI (models:/name@alias,
+    models:/name/Stage or models:/name/<n>), None for any other URI or if the registry cannot say."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/") or model_uri.startswith("models:/m-"):
+        return None
+    name, _, rest = model_uri.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or defaults.TRACKING_URI
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if alias:
+            version = client.get_model_version_by_alias(name, alias)
+        elif rest.isdigit():
+            version = client.get_model_version(name, rest)
+        else:
+            found = client.get_latest_versions(name, stages=[rest])
+            if not found:
+                return None
+            version = found[0]
+    except MlflowException:
+        return None
+    return f"{name} version {version.version} (run {version.run_id}, by {version_author(client, version)})"
+
+
 class ModelInfo:
     """The Production version's card facts, read from the registry and cached."""
 
@@ -38,6 +76,7 @@ class ModelInfo:
         self.name, self.alias, self.ttl = name, alias, ttl
         self._lock = threading.Lock()
         self._cached: tuple[float, dict | None, str | None] = (float("-inf"), None, None)
+        self._described: str | None = None  # the version last logged as the one the page describes
 
     def facts(self) -> tuple[dict | None, str | None]:
         """(the card's facts, None), or (None, why they cannot be had); read now if stale."""
@@ -67,6 +106,15 @@ class ModelInfo:
         try:
             client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
             version = client.get_model_version_by_alias(self.name, self.alias)
+            if version.version != self._described:  # once per version: what is served, whose
+                log.info(
+                    "the page describes %s version %s (run %s, by %s)",
+                    self.name,
+                    version.version,
+                    version.run_id,
+                    version_author(client, version),
+                )
+                self._described = version.version
             source = version.source or ""
             if source.startswith("models:/m-"):  # a logged model: the card sits among its artifacts
                 location = client.get_logged_model(source.removeprefix("models:/")).artifact_location

@@ -30,6 +30,7 @@ import requests
 from databases import catalogue
 from databases.image_store import absolute
 from steps import defaults
+from web.model_info import served_version
 
 ROOT = Path(__file__).resolve().parents[1]
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
@@ -230,6 +231,8 @@ def serve(args: argparse.Namespace) -> str | None:
             flush=True,
         )
         scoring = stack.enter_context(scoring_server(args.model, args.scoring_port, wait=args.wait, host=args.host, workers=args.workers))
+        # What is served is what was promoted: say which version that is and whose run made it.
+        print(f"serving {served_version(args.model) or args.model}", flush=True)
         page = stack.enter_context(page_server(scoring.url, args.port, host=args.host, db=args.db, image_store=args.image_store))
         print(f"\n  the page:           {page.url}\n  the scoring server: {scoring.url}/invocations\n\nCtrl-C stops both.\n", flush=True)
         while scoring.process.poll() is None and page.process.poll() is None:
