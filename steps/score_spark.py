@@ -138,6 +138,9 @@ def score_slice(rows: Iterable[tuple], archive: str, labels: tuple, optional: tu
     from mlflow.pyfunc.spark_model_cache import SparkModelCache
 
     columns = Columns(labels, optional)
+    if archive not in SparkModelCache._models:
+        # One line in the executor's log per load: how the tests see that a worker loads it once.
+        print(f"animal-faces: loading the model in Python worker {os.getpid()}", file=sys.stderr, flush=True)
     model, _ = SparkModelCache.get_or_load(archive)  # once per Python worker: Spark reuses them
     answers: dict[str, dict] = {}
     readers = ThreadPoolExecutor(READERS, thread_name_prefix="score-read")
