@@ -101,7 +101,8 @@ def score_spark(spark, model_uri: str, entries: list[Entry], columns: Columns, b
     data = [(e.path, e.file, e.member) for e in entries]
     task = partial(score_slice, archive=archive, labels=columns.labels, optional=columns.optional, batch_size=batch_size)
     rdd = context.parallelize(data, slices).mapPartitions(task)
-    jobs = ThreadPoolExecutor(max(4, 4 * context.defaultParallelism), thread_name_prefix="score-spark")
+    # A thread per job in flight, which only waits on it: enough for executors that join later.
+    jobs = ThreadPoolExecutor(max(64, 4 * context.defaultParallelism), thread_name_prefix="score-spark")
     in_flight: deque[Future] = deque()
     try:
         for index in range(slices):
