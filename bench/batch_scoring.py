@@ -8,7 +8,8 @@ bench/results/batch_scoring/. Each way runs in its own processes, one after the 
 - ours: `python -m steps.score` (local engine): readers ahead, the pyfunc on every core.
 - naive: `mlflow models serve` (one worker) of the same model and one HTTP request per image, as
   the seed's client did (a keep-alive session, base64 JSON, one image at a time).
-- spark: `python -m steps.score --engine spark --spark-master local[*]` (spark_udf).
+- spark: `python -m steps.score --engine spark --spark-master local[*]` (bench/spark_scoring.py
+  separates its start-up from its steady state).
 
 images/s counts the scoring itself (ours and Spark: the job's own figure, model loading in the job
 included for Spark, whose workers load it; naive: the request loop once the server answers). Peak

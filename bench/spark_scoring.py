@@ -58,6 +58,7 @@ def one(way: str, folder: Path, count: int, model_uri: str, batch_size: int, mas
 
     from steps.score import Columns, list_inputs, score_local
 
+    marks = {"imports": time.monotonic() - STARTED}
     entries = list_inputs(folder).entries[:count]
     columns = Columns.of(mlflow.models.get_model_info(model_uri).signature)
     if way == "local":
@@ -65,6 +66,7 @@ def one(way: str, folder: Path, count: int, model_uri: str, batch_size: int, mas
 
         cores = os.cpu_count() or 1
         model = mlflow.pyfunc.load_model(model_uri)
+        marks["model loaded"] = time.monotonic() - STARTED
         warm, rest = entries[: WARM_UP_PER_CORE * cores], entries[WARM_UP_PER_CORE * cores :]
         list(score_local(model, warm, columns, WARM_UP_PER_CORE, {}))
         started_up = time.monotonic()
@@ -74,16 +76,19 @@ def one(way: str, folder: Path, count: int, model_uri: str, batch_size: int, mas
 
         spark = spark_session(master)
         context = spark.sparkContext
+        marks["session"] = time.monotonic() - STARTED
         if way == "standalone":  # the executors register after the session starts
             while context._jsc.sc().getExecutorMemoryStatus().size() - 1 < 2:
                 time.sleep(0.2)
+            marks["executors"] = time.monotonic() - STARTED
         cores = context.defaultParallelism
         warm, rest = entries[: WARM_UP_PER_CORE * cores], entries[WARM_UP_PER_CORE * cores :]
         list(score_spark(spark, model_uri, warm, columns, WARM_UP_PER_CORE))
         started_up = time.monotonic()
         rows = sum(len(batch) for batch in score_spark(spark, model_uri, rest, columns, batch_size))
     seconds = time.monotonic() - started_up
-    return {"startup": started_up - STARTED, "images": rows, "seconds": seconds, "cores": cores}
+    marks["first images on every core"] = started_up - STARTED
+    return {"startup": started_up - STARTED, "images": rows, "seconds": seconds, "cores": cores, "marks": marks}
 
 
 def run(way: str, folder: Path, count: int, model_uri: str, tracking_uri: str, batch: int, master: str | None, also: list[int]) -> dict:
@@ -93,12 +98,13 @@ def run(way: str, folder: Path, count: int, model_uri: str, tracking_uri: str, b
     process = subprocess.Popen(command, cwd=ROOT, env=server_env(MLFLOW_TRACKING_URI=tracking_uri), stdout=subprocess.PIPE, text=True)
     memory = TreeMemory(process.pid)
     cluster_memory = ClusterMemory(also)
+    cpu = CpuByKind([process.pid, *also])
     stdout, _ = process.communicate()
     peak = memory.stop() + cluster_memory.stop()
     if process.returncode != 0:
         raise RuntimeError(f"{way} failed (exit code {process.returncode}):\n{stdout[-2000:]}")
     figures = json.loads(stdout.strip().splitlines()[-1])
-    return {**figures, "way": way, "peak_mb": peak}
+    return {**figures, "way": way, "peak_mb": peak, "cpu": cpu.totals()}
 
 
 class ClusterMemory(TreeMemory):
@@ -112,6 +118,71 @@ class ClusterMemory(TreeMemory):
         while not self._stop.is_set():
             self.peak_mb = max(self.peak_mb, sum(tree_rss_mb(pid) for pid in self.pids))
             self._stop.wait(self.every)
+
+
+class CpuByKind(TreeMemory):
+    """CPU seconds (user + system) of the processes in some trees (the first root is the driver's
+    Python), by kind: JVMs, Spark's Python workers, the driver (or the local engine's) Python. Each
+    process's last sampled figure counts (a process that lived under 0.2 s may be missed)."""
+
+    def __init__(self, pids: list[int], every: float = 0.2):
+        self.pids, self.seen = pids, {}
+        super().__init__(0, every)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in _trees(self.pids):
+                figures = _cpu(pid, driver=self.pids[0])
+                if figures is not None:
+                    self.seen[pid] = figures
+            self._stop.wait(self.every)
+
+    def totals(self) -> dict[str, float]:
+        self.stop()
+        totals: dict[str, float] = {}
+        for kind, seconds in self.seen.values():
+            totals[kind] = totals.get(kind, 0.0) + seconds
+        return totals
+
+
+def _trees(roots: list[int]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _cpu(pid: int, driver: int) -> tuple[str, float] | None:
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    if b"java" in command.split(b"\0")[0]:
+        kind = "JVMs"
+    elif pid == driver:
+        kind = "driver (or local engine) Python"
+    else:  # every other Python process of the trees: Spark's daemon and Python workers
+        kind = "Spark's Python workers"
+    return kind, seconds
+
+
+def _scored(figures: dict) -> int:
+    """Images scored in the whole run: the warm-up's and the steady state's."""
+    return figures["images"] + WARM_UP_PER_CORE * figures["cores"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +238,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{(r['images'] / r['seconds']) / (local['images'] / local['seconds']):.0%}" if local else "",
                 r["peak_mb"],
                 "" if r["cluster_up"] is None else f"{r['cluster_up']:.1f}",
+            ]
+            for r in results
+        ],
+    )
+    table(
+        "Where the time goes: start-up marks (s from the process's start) and CPU seconds per 1,000 images over the whole run",
+        ["way", "start-up marks", "CPU s / 1,000 images, by process"],
+        [
+            [
+                WAYS[r["way"]],
+                ", ".join(f"{name} {seconds:.1f}" for name, seconds in r["marks"].items()),
+                ", ".join(f"{kind} {1000 * seconds / _scored(r):.2f}" for kind, seconds in r["cpu"].items()),
             ]
             for r in results
         ],

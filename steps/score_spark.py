@@ -101,7 +101,8 @@ def score_spark(spark, model_uri: str, entries: list[Entry], columns: Columns, b
     data = [(e.path, e.file, e.member) for e in entries]
     task = partial(score_slice, archive=archive, labels=columns.labels, optional=columns.optional, batch_size=batch_size)
     rdd = context.parallelize(data, slices).mapPartitions(task)
-    jobs = ThreadPoolExecutor(max(4, 4 * context.defaultParallelism), thread_name_prefix="score-spark")
+    # A thread per job in flight, which only waits on it: enough for executors that join later.
+    jobs = ThreadPoolExecutor(max(64, 4 * context.defaultParallelism), thread_name_prefix="score-spark")
     in_flight: deque[Future] = deque()
     try:
         for index in range(slices):
@@ -138,6 +139,9 @@ def score_slice(rows: Iterable[tuple], archive: str, labels: tuple, optional: tu
     from mlflow.pyfunc.spark_model_cache import SparkModelCache
 
     columns = Columns(labels, optional)
+    if archive not in SparkModelCache._models:
+        # One line in the executor's log per load: how the tests see that a worker loads it once.
+        print(f"animal-faces: loading the model in Python worker {os.getpid()}", file=sys.stderr, flush=True)
     model, _ = SparkModelCache.get_or_load(archive)  # once per Python worker: Spark reuses them
     answers: dict[str, dict] = {}
     readers = ThreadPoolExecutor(READERS, thread_name_prefix="score-read")

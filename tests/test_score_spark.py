@@ -137,15 +137,25 @@ def test_standalone_cluster_gives_the_local_engines_rows(collection, model, clus
     check_rows(table, good, model)
     assert_same_rows(table, local.table)
     assert _executors_that_ran_tasks(cluster) == 2  # the work was spread over both workers
+    # 5 slices of 4 files on 2 one-core executors: each executor's Python worker loaded the model once
+    # and kept it for its next tasks (spark.python.worker.reuse, MLflow's SparkModelCache).
+    assert _lines_in_executor_logs(cluster, "animal-faces: loading the model") == 2
 
 
-def _executors_that_ran_tasks(cluster: spark_cluster.Cluster) -> int:
-    """How many executors of the running application finished tasks, by the workers' logs of them."""
+def _executor_logs(cluster: spark_cluster.Cluster) -> list[str]:
+    """The stderr of each executor of the running application, from the workers' work folders."""
     from pyspark.sql import SparkSession
 
     application = SparkSession.getActiveSession().sparkContext.applicationId
-    logs = (Path(cluster.state) / "work").glob(f"worker-*/{application}/*/stderr")
-    return sum(1 for log in logs if "Finished task" in log.read_text(errors="replace"))
+    return [log.read_text(errors="replace") for log in (Path(cluster.state) / "work").glob(f"worker-*/{application}/*/stderr")]
+
+
+def _executors_that_ran_tasks(cluster: spark_cluster.Cluster) -> int:
+    return sum(1 for log in _executor_logs(cluster) if "Finished task" in log)
+
+
+def _lines_in_executor_logs(cluster: spark_cluster.Cluster, text: str) -> int:
+    return sum(line.count(text) for log in _executor_logs(cluster) for line in log.splitlines())
 
 
 def test_standalone_cluster_reads_the_teams_bucket(collection, model, cluster, fresh_session, s3, tmp_path):  # noqa: F811
