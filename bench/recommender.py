@@ -100,7 +100,7 @@ def embed(model_uri: str, files: list[str]) -> tuple[np.ndarray, np.ndarray, lis
 
     animal = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     images = np.stack([load_image(Path(f).read_bytes(), animal.image_size) for f in files])
-    outputs = [animal.network(images[i : i + 256], training=False) for i in range(0, len(images), 256)]
+    outputs = [animal._forward(images[i : i + animal.batch]) for i in range(0, len(images), animal.batch)]  # the served forward pass
     return (np.concatenate([np.asarray(o[0]) for o in outputs]), np.concatenate([np.asarray(o[1]) for o in outputs]), animal.labels)
 
 
