@@ -100,7 +100,8 @@ def embed(model_uri: str, files: list[str]) -> tuple[np.ndarray, np.ndarray, lis
 
     animal = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     images = np.stack([load_image(Path(f).read_bytes(), animal.image_size) for f in files])
-    outputs = [animal._forward(images[i : i + animal.batch]) for i in range(0, len(images), animal.batch)]  # the served forward pass
+    # The pyfunc's own forward pass (ONNX Runtime, or Keras for older models): outputs as served.
+    outputs = [animal._forward(images[i : i + animal.batch]) for i in range(0, len(images), animal.batch)]
     return (np.concatenate([np.asarray(o[0]) for o in outputs]), np.concatenate([np.asarray(o[1]) for o in outputs]), animal.labels)
 
 

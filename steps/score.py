@@ -938,6 +938,12 @@ def _engine(
     """The engine's batches of rows, with its start-up (Spark session, model) done before returning."""
     import mlflow
 
+    from pyfunc.model import THREADS_VARIABLE
+
+    # Both engines make one model call per core at once (the local engine's threads, Spark's Python
+    # workers): each runs the network on its own thread; a pool of every core for each call made
+    # 3 to 4 busy threads on 2 cores and was slower under load (docs/performance.md).
+    os.environ.setdefault(THREADS_VARIABLE, "1")
     if engine == "spark":
         from steps.score_spark import score_spark, spark_session
 
