@@ -911,3 +911,18 @@ def test_a_cluster_from_before_the_roles_is_handed_over(team):
         ).fetchall()
         kind_owner = conn.execute("SELECT pg_get_userbyid(typowner) FROM pg_type WHERE typname = 'kind'").fetchone()[0]
     assert dict(owners) == {"things": WRITER, "things_id_seq": WRITER, "some_things": WRITER} and kind_owner == WRITER
+
+
+def test_team_user_list_remove_and_env(team, people):
+    """The runbook's commands: `team user list`, `team env --user NAME --role reader`, `team user remove`."""
+    listed = team_cli(team, "user", "list").stdout.splitlines()
+    assert {"admin\tadmin", "reader-1\treader", "trainer-1\ttrainer", "releaser-1\treleaser"} <= set(listed)
+    shown = team_cli(team, "env", "--user", "reader-1", "--role", "reader").stdout
+    assert shown == "".join(f"export {name}={value}\n" for name, value in people["reader"].items())
+    team_cli(team, "user", "add", "leaver", "--role", "trainer")
+    login = ("leaver", team.user_password("leaver"))
+    search = f"{team.tracking_uri()}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(search, auth=login, timeout=30).status_code == 200
+    team_cli(team, "user", "remove", "leaver")
+    assert requests.get(search, auth=login, timeout=30).status_code == 401
+    assert not (team.users_dir / "leaver.env").exists() and "leaver\ttrainer" not in team_cli(team, "user", "list").stdout
