@@ -447,15 +447,15 @@ def test_served_from_the_servers_registry(team_pipeline, team, people, tmp_path,
         assert page.get("/healthz").get_json()["catalogue"]["readable"] is True
 
         # What is served is what was promoted: the launcher and the page say which version, whose run.
-        from web.model_info import served_version
+        from web.model_info import ModelInfo, served_version
 
         trained = team_pipeline["train_run"]
         production = team_pipeline["client"].get_model_version_by_alias("animal", "production")
         expected = f"animal version {production.version} (run {trained.info.run_id}, by {ADMIN})"
         assert served_version("models:/animal@production", team.tracking_uri()) == expected
         assert served_version("models:/animal/Production", team.tracking_uri()) == expected
-        with caplog.at_level(logging.INFO, logger="web.model_info"):
-            facts, problem = page.application.extensions["model_info"].facts()
+        with caplog.at_level(logging.INFO, logger="web.model_info"):  # the page's own ModelInfo, read afresh
+            facts, problem = ModelInfo(team.tracking_uri()).facts()
         assert problem is None and facts["model"]["version"] == production.version
         assert f"the page describes animal version {production.version} (run {trained.info.run_id}, by {ADMIN})" in caplog.text
     finally:
@@ -787,7 +787,7 @@ def test_a_reader_reads_a_trainer_registers_only_a_releaser_promotes(team_pipeli
     own = trainer.create_run(experiment.experiment_id)
     trainer.log_param(own.info.run_id, "lr", "0.001")
     trainer.set_terminated(own.info.run_id)
-    version = trainer.create_model_version("animal", model_uri, run_id).version
+    version = trainer.create_model_version("animal", model_uri, run_id, model_id=model_uri.removeprefix("models:/")).version
     trainer.set_model_version_tag("animal", version, "by", "trainer-1")
     assert refused(lambda: trainer.set_registered_model_alias("animal", "production", version)) == 403
     assert refused(lambda: trainer.transition_model_version_stage("animal", version, "Production")) == 403
@@ -871,7 +871,7 @@ def test_no_password_in_ps_logs_runs_or_open_files(team_pipeline, team, people):
         **{f"login {user}": team.user_password(user) for user in (ADMIN, "reader-1", "trainer-1", "releaser-1")},
         "flask secret": team.secret_key_file.read_text().strip(),
     }
-    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    processes = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
     assert "mlflow server" in processes and "--app-name basic-auth" in processes
     logs = [team.tracking_log, team.postgres_dir / "postgres.log"]
     client = team_pipeline["client"]
@@ -911,3 +911,18 @@ def test_a_cluster_from_before_the_roles_is_handed_over(team):
         ).fetchall()
         kind_owner = conn.execute("SELECT pg_get_userbyid(typowner) FROM pg_type WHERE typname = 'kind'").fetchone()[0]
     assert dict(owners) == {"things": WRITER, "things_id_seq": WRITER, "some_things": WRITER} and kind_owner == WRITER
+
+
+def test_team_user_list_remove_and_env(team, people):
+    """The runbook's commands: `team user list`, `team env --user NAME --role reader`, `team user remove`."""
+    listed = team_cli(team, "user", "list").stdout.splitlines()
+    assert {"admin\tadmin", "reader-1\treader", "trainer-1\ttrainer", "releaser-1\treleaser"} <= set(listed)
+    shown = team_cli(team, "env", "--user", "reader-1", "--role", "reader").stdout
+    assert shown == "".join(f"export {name}={value}\n" for name, value in people["reader"].items())
+    team_cli(team, "user", "add", "leaver", "--role", "trainer")
+    login = ("leaver", team.user_password("leaver"))
+    search = f"{team.tracking_uri()}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(search, auth=login, timeout=30).status_code == 200
+    team_cli(team, "user", "remove", "leaver")
+    assert requests.get(search, auth=login, timeout=30).status_code == 401
+    assert not (team.users_dir / "leaver.env").exists() and "leaver\ttrainer" not in team_cli(team, "user", "list").stdout
