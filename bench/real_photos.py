@@ -53,19 +53,23 @@ def sample_catalogue(workdir: Path) -> Path:
     return db
 
 
-def pretrained_model(db: Path, weights: Path, epochs: int, workdir: Path) -> str:
-    """head=imagenet at 224 px, trained for `epochs` head epochs (0: as built); reused by settings."""
+def pretrained_model(db: Path, weights: Path, epochs: int, workdir: Path, image_size: int = 224) -> str:
+    """head=imagenet at `image_size` px (the weights are 224 px ones; Keras builds the same network at
+    any size), trained for `epochs` head epochs (0: as built); reused by settings."""
     from steps.defaults import Hyperparameters
     from steps.train import train
 
     saved = workdir / "models.json"
     known = json.loads(saved.read_text()) if saved.is_file() else {}
-    key = f"{weights}|{epochs}"
+    key = f"{weights}|{epochs}" + ("" if image_size == 224 else f"|{image_size}px")  # 224: the keys made before sizes
     if key not in known:
         hp = Hyperparameters(backbone="mobilenet_v2", weights=str(weights), head="imagenet")
         started = time.monotonic()
-        _, accuracy, known[key] = train(db, image_size=224, epochs=epochs, hp=hp)
-        print(f"trained epochs={epochs} in {time.monotonic() - started:.0f} s, validation accuracy {accuracy:.4f}", flush=True)
+        _, accuracy, known[key] = train(db, image_size=image_size, epochs=epochs, hp=hp)
+        print(
+            f"trained epochs={epochs} at {image_size} px in {time.monotonic() - started:.0f} s, validation accuracy {accuracy:.4f}",
+            flush=True,
+        )
         saved.write_text(json.dumps(known, indent=2))
     return known[key]
 
