@@ -39,6 +39,7 @@ from web.serve import server_env
 
 WORKDIR = RESULTS / "batch_scoring"
 SCORED = re.compile(r"\(([\d,]+) scored now in ([\d.]+) s")
+LABEL_COUNT = re.compile(r"\b(cat|dog|wild) ([\d,]+)\b")  # the summary's "cat 1,468 · wild 31"
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Measured:
     wall: float  # including start-up (interpreter, model, server or Spark)
     peak_mb: float
     errors: int
+    unfamiliar: int | None = None  # flagged unfamiliar, where the model answers it
+    labels: dict[str, int] | None = None  # answers per label, as `score` counted them
 
     @property
     def per_second(self) -> float:
@@ -119,8 +122,16 @@ def run_score(way: str, source: Path, model_uri: str, tracking_uri: str, *extra:
     if process.returncode != 0 or not found:
         raise RuntimeError(f"{way} failed (exit code {process.returncode}):\n{stdout[-2000:]}")
     errors = re.search(r"errors ([\d,]+)", stdout)
+    unfamiliar = re.search(r"unfamiliar ([\d,]+)", stdout)
     return Measured(
-        way, int(found.group(1).replace(",", "")), float(found.group(2)), wall, peak, int(errors.group(1).replace(",", "")) if errors else 0
+        way,
+        int(found.group(1).replace(",", "")),
+        float(found.group(2)),
+        wall,
+        peak,
+        int(errors.group(1).replace(",", "")) if errors else 0,
+        int(unfamiliar.group(1).replace(",", "")) if unfamiliar else None,
+        {label: int(n.replace(",", "")) for label, n in LABEL_COUNT.findall(stdout)},
     )
 
 

@@ -3,6 +3,7 @@ way then the other (ANIMAL_RUNTIME=keras makes the pyfunc take its Keras path, a
 before the ONNX graph do).
 
     python -m bench.onnx_runtime [--model-uri URI] [--mobilenet-v2] [--requests 200] [--score 1000,4000]
+    python -m bench.onnx_runtime --real-photos [--sizes 224,160] [--runtimes onnx]
 
 For each model and runtime: `mlflow models serve` (one worker) started from nothing, timed until it
 answers /ping; one real 512 px photo (the shared AFHQ sample) in every request, p50 at concurrency
@@ -11,6 +12,12 @@ tree) once it has answered them all; then `score` (local engine) images/s on ben
 512 px JPEGs. Models: the default CNN (bench/common.py's setup), and with --mobilenet-v2 Keras'
 MobileNetV2 at 224 px with the shared ImageNet weights under our head (built here, not trained:
 the arithmetic is the same), logged by train.log_training.
+
+--real-photos measures the real-photo model itself, beside the default CNN: MobileNetV2 with
+head=imagenet and epochs=0 (the shared ImageNet weights with their top), registered from the
+57-photo AFHQ sample's catalogue the way the pipeline does it (bench/real_photos.py), at each of
+--sizes; and `score` runs on the 1,500 real AFHQ cats (../shared/data/afhq-cats) for every model,
+instead of the synthetic JPEGs, with the share it flags unfamiliar.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.batch_scoring import distinct_copies, photos, run_score
+from bench.batch_scoring import Measured, distinct_copies, photos, run_score
 from bench.common import AFHQ_SAMPLE, RESULTS, ROOT, _rss_kb, machine, percentiles, setup, table, tree_rss_mb
 from bench.serving import run_load
 from pyfunc.model import RUNTIME_VARIABLE
@@ -85,14 +92,33 @@ def mobilenet_v2_model(tracking_uri: str) -> str:
     features = keras.layers.GlobalAveragePooling2D(name=train.FEATURES_LAYER)(backbone(scaled, training=False))
     hp = Hyperparameters()
     model = keras.Model(inputs, train.head(features, hp, len(data.labels)), name="animal_mobilenet_v2")
-    if mlflow.get_experiment_by_name("bench") is None:  # never the store's Default (artifacts in ./mlruns)
-        mlflow.create_experiment("bench", artifact_location=(WORKDIR / "artifacts").as_uri())
-    mlflow.set_experiment("bench")
+    bench_experiment()
     with mlflow.start_run(run_name="bench mobilenet_v2 224"):
         _, model_uri = train.log_training(model, data, None, 224, hp)
     WORKDIR.mkdir(parents=True, exist_ok=True)
     remembered.write_text(json.dumps({"tracking_uri": tracking_uri, "model_uri": model_uri}))
     return model_uri
+
+
+def bench_experiment() -> None:
+    """Runs go to the store's "bench" experiment, never its Default (whose artifacts land in ./mlruns)."""
+    import mlflow
+
+    if mlflow.get_experiment_by_name("bench") is None:
+        mlflow.create_experiment("bench", artifact_location=(WORKDIR / "artifacts").as_uri())
+    mlflow.set_experiment("bench")
+
+
+def real_photo_models(sizes: list[int]) -> dict[str, str]:
+    """The real-photo model (head=imagenet, epochs=0) at each size, from the AFHQ sample's catalogue."""
+    from bench.real_photos import WEIGHTS as TOP_WEIGHTS
+    from bench.real_photos import pretrained_model, sample_catalogue
+
+    workdir = WORKDIR / "real_photos"  # its own models.json: these runs live in this bench's store
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench_experiment()
+    db = sample_catalogue(workdir)
+    return {f"MobileNetV2 head=imagenet, epochs=0 ({size} px)": pretrained_model(db, TOP_WEIGHTS, 0, workdir, size) for size in sizes}
 
 
 def serving(model_uri: str, tracking_uri: str, runtime: str, body: bytes, levels: list[int], requests: int) -> list:
@@ -118,17 +144,27 @@ def serving(model_uri: str, tracking_uri: str, runtime: str, body: bytes, levels
     return [start_up, first["p50"], first["p95"], cpu_ms, *(loads[level].throughput for level in levels), worker, whole, errors]
 
 
-def scoring(model_uri: str, tracking_uri: str, runtime: str, counts: list[int], base: list[Path]) -> list[str]:
-    """`score` images/s (and peak MB of its process tree) for each count of distinct 512 px files."""
+def score_cell(measured: Measured, cats: bool = False) -> str:
+    """images/s (files, peak MB[, share called cat, where every file is a cat][, share flagged unfamiliar])."""
+    called = f", {measured.labels.get('cat', 0) / measured.images:.1%} cat" if cats and measured.labels is not None else ""
+    flagged = "" if measured.unfamiliar is None else f", {measured.unfamiliar / measured.images:.1%} unfamiliar"
+    return f"{measured.per_second:,.0f} ({measured.images:,} files, {measured.peak_mb:,.0f} MB{called}{flagged})"
+
+
+def scoring(model_uri: str, tracking_uri: str, runtime: str, counts: list[int], base: list[Path], folder: Path | None = None) -> list[str]:
+    """`score` images/s (and peak MB of its process tree) for each count of distinct 512 px files, or
+    for the files of `folder` (given: the counts are not run)."""
     os.environ[RUNTIME_VARIABLE] = runtime
     try:
+        if folder is not None:
+            return [score_cell(run_score(f"{runtime} {folder.name}", folder, model_uri, tracking_uri), cats=True)]
         cells = []
         for count in counts:
             folder = WORKDIR / f"score_{count}"
             copies = -(-count // len(base))
             distinct_copies(base, folder, copies)  # `count` files or a few more: base x copies
             measured = run_score(f"{runtime} {count}", folder, model_uri, tracking_uri)
-            cells.append(f"{measured.per_second:,.0f} ({measured.images:,} files, {measured.peak_mb:,.0f} MB)")
+            cells.append(score_cell(measured))
         return cells
     finally:
         del os.environ[RUNTIME_VARIABLE]
@@ -145,8 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score", default="1000,4000", help="file counts for `score` (CNN); empty: none")
     parser.add_argument("--no-cnn", action="store_true", help="MobileNetV2 only (with --mobilenet-v2)")
     parser.add_argument("--score-mobilenet", default="1000", help="file counts for `score` with MobileNetV2")
+    parser.add_argument("--real-photos", action="store_true", help="the real-photo model at --sizes; `score` on the real AFHQ cats")
+    parser.add_argument("--sizes", default="224,160", help="image sizes of the real-photo model (with --real-photos)")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="runtimes to measure, of: " + ", ".join(RUNTIMES))
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    if set(runtimes) - set(RUNTIMES):
+        parser.error(f"--runtimes: of {', '.join(RUNTIMES)}")
+    from bench.real_photos import CATS
+    from bench.real_photos import WEIGHTS as TOP_WEIGHTS
+
+    if args.real_photos and not (TOP_WEIGHTS.is_file() and CATS.is_dir() and AFHQ_SAMPLE.is_dir()):
+        print(f"--real-photos needs {TOP_WEIGHTS}, {CATS} and {AFHQ_SAMPLE}", file=sys.stderr)
+        return 2
+    cats = CATS if args.real_photos else None
     photo = args.photo or next(iter(sorted(AFHQ_SAMPLE.rglob("*.jpg"))), None)
     if photo is None:
         print(f"no photo: pass --photo, or put the AFHQ sample at {AFHQ_SAMPLE}", file=sys.stderr)
@@ -157,20 +206,23 @@ def main(argv: list[str] | None = None) -> int:
     models = {} if args.no_cnn else {"default CNN (64 px)": (cnn.model_uri, [int(x) for x in args.score.split(",") if x])}
     if args.mobilenet_v2:
         models["MobileNetV2 (224 px)"] = (mobilenet_v2_model(cnn.tracking_uri), [int(x) for x in args.score_mobilenet.split(",") if x])
+    if args.real_photos:
+        models.update({name: (uri, []) for name, uri in real_photo_models([int(x) for x in args.sizes.split(",")]).items()})
     body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(photo.read_bytes()).decode("ascii")]]}})
     # bench/batch_scoring's 512 px JPEGs (made once); `score` runs on distinct copies of them.
-    base = photos(WORKDIR.parent / "batch_scoring" / "images_512", 1000, 512) if any(c for _, c in models.values()) else []
+    wanted = cats is None and any(c for _, c in models.values())
+    base = photos(WORKDIR.parent / "batch_scoring" / "images_512", 1000, 512) if wanted else []
     before = machine()
     print(f"machine: {before}\nphoto: {photo.name} ({photo.stat().st_size / 1024:.0f} KB)", flush=True)
 
     serve_rows, score_rows = [], []
     for name, (uri, counts) in models.items():
-        for runtime in RUNTIMES:
+        for runtime in runtimes:
             label = "ONNX Runtime" if runtime == "onnx" else "TensorFlow (Keras path)"
             serve_rows.append([name, label, *serving(uri, cnn.tracking_uri, runtime, body.encode(), levels, args.requests)])
             print(serve_rows[-1], flush=True)
-            if counts:
-                score_rows.append([name, label, *scoring(uri, cnn.tracking_uri, runtime, counts, base)])
+            if counts or cats is not None:
+                score_rows.append([name, label, *scoring(uri, cnn.tracking_uri, runtime, counts, base, cats)])
                 print(score_rows[-1], flush=True)
     after = machine()
     table(
@@ -180,7 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         + ["worker MB", "server tree MB", "errors"],
         serve_rows,
     )
-    if score_rows:
+    if score_rows and cats is not None:
+        table(
+            f"`score`, local engine, the {len(list(cats.glob('*/*.jpg'))):,} real AFHQ cats (512 px JPEGs)",
+            ["model", "runtime", "images/s (files, peak MB, called cat, flagged unfamiliar)"],
+            score_rows,
+        )
+    elif score_rows:
         counts = max((models[name][1] for name in models), key=len)
         rows = [row + ["not run"] * (2 + len(counts) - len(row)) for row in score_rows]
         headers = ["model", "runtime", *(f"{c:,} files" for c in counts)]

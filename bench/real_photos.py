@@ -1,6 +1,7 @@
 """The real-photo model against the default one, on real photos, photos of other things and drawings.
 
     python -m bench.real_photos [--weights FILE] [--cats-every N] [--epochs N]
+    python -m bench.real_photos --calibration-only
 
 One table, rows: the default synthetic CNN (bench.unfamiliar's, trained once the project's default
 way), MobileNetV2 with head=imagenet and epochs=0 (ImageNet's classifier pooled over cat/dog/wild,
@@ -9,7 +10,10 @@ features). Columns: accuracy on the sample's 42 validation photos and on all 57,
 real AFHQ cats (every Nth), the share flagged `unfamiliar` among the 57 real photos, among the photos
 of other things and among the synthetic validation drawings, and ms per image (pyfunc predict on the
 57, a batch, decoding included). All through the served pyfunc. A second table compares the two
-candidate `unfamiliar` signals on the untrained model.
+candidate `unfamiliar` signals on the untrained model, and a third the ways of calibrating its
+animal-mass threshold, each applied to the same masses: share flagged among the 1,500 AFHQ cats,
+the 57 sample photos, the photos of other things and the drawings (--calibration-only: that table
+alone, without the default CNN).
 
 Needs the shared ImageNet weights and photos (ROOT.parent / "shared"); skips without them.
 """
@@ -26,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from bench.common import AFHQ_SAMPLE, RESULTS, ROOT, catalogue_rows, machine, table
-from bench.unfamiliar import default_model
+from bench.unfamiliar import bench_store, default_model
 
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet.weights.h5"
@@ -53,19 +57,23 @@ def sample_catalogue(workdir: Path) -> Path:
     return db
 
 
-def pretrained_model(db: Path, weights: Path, epochs: int, workdir: Path) -> str:
-    """head=imagenet at 224 px, trained for `epochs` head epochs (0: as built); reused by settings."""
+def pretrained_model(db: Path, weights: Path, epochs: int, workdir: Path, image_size: int = 224) -> str:
+    """head=imagenet at `image_size` px (the weights are 224 px ones; Keras builds the same network at
+    any size), trained for `epochs` head epochs (0: as built); reused by settings."""
     from steps.defaults import Hyperparameters
     from steps.train import train
 
     saved = workdir / "models.json"
     known = json.loads(saved.read_text()) if saved.is_file() else {}
-    key = f"{weights}|{epochs}"
+    key = f"{weights}|{epochs}" + ("" if image_size == 224 else f"|{image_size}px")  # 224: the keys made before sizes
     if key not in known:
         hp = Hyperparameters(backbone="mobilenet_v2", weights=str(weights), head="imagenet")
         started = time.monotonic()
-        _, accuracy, known[key] = train(db, image_size=224, epochs=epochs, hp=hp)
-        print(f"trained epochs={epochs} in {time.monotonic() - started:.0f} s, validation accuracy {accuracy:.4f}", flush=True)
+        _, accuracy, known[key] = train(db, image_size=image_size, epochs=epochs, hp=hp)
+        print(
+            f"trained epochs={epochs} at {image_size} px in {time.monotonic() - started:.0f} s, validation accuracy {accuracy:.4f}",
+            flush=True,
+        )
         saved.write_text(json.dumps(known, indent=2))
     return known[key]
 
@@ -132,15 +140,48 @@ def signals(model_uri: str, db: Path, sample: list[Path], others: list[Path], dr
     mass = Familiarity.load(local / "artifacts" / "familiarity.npz")
     table_rows = []
     for name, signal, index in (
-        ("animal mass (stored, 1% of validation)", mass, 0),
+        ("animal mass (stored: 1% of validation, never at mass 0.5 or more)", mass, 0),
         ("Mahalanobis, 15 training photos (5%)", mahalanobis, 1),
     ):
         shares = [
-            float(signal.unfamiliar(signal.scores(signal.features([groups[g][index]]))).mean()) for g in ("real", "others", "drawings")
+            float(signal.flagged(signal.distances(signal.features([groups[g][index]]))).mean()) for g in ("real", "others", "drawings")
         ]
         table_rows.append([name, *(f"{s:.1%}" for s in shares)])
     ranges = [f"{groups[g][0].min():.2f}-{groups[g][0].max():.2f}" for g in ("real", "others", "drawings")]
     table_rows.append(["(animal mass, min-max)", *ranges])
+    return table_rows
+
+
+def calibrations(model_uri: str, db: Path, groups: dict[str, list[Path]]) -> list[list[object]]:
+    """Ways of choosing the animal-mass threshold (flag: mass below it), from the sample's catalogue
+    alone, each with the share it flags in every group (the same masses for all: the served model's
+    own `animal_mass` output, through its pyfunc's forward pass)."""
+    import mlflow
+
+    from pyfunc.preprocess import load_image
+    from steps.train import MASS_MAJORITY
+
+    network = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+
+    def masses(files: list[Path]) -> np.ndarray:
+        out = []
+        for start in range(0, len(files), network.batch):  # the pyfunc's own bound on a forward pass
+            batch = np.stack([load_image(f.read_bytes(), network.image_size) for f in files[start : start + network.batch]])
+            out.append(np.asarray(network._forward(batch)[2]).reshape(-1))  # outputs: probabilities, embedding, animal_mass
+        return np.concatenate(out)
+
+    rows = catalogue_rows(db)
+    val = masses([Path(f) for f in rows[rows.split == "val"].file])
+    both = np.concatenate([val, masses([Path(f) for f in rows[rows.split == "train"].file])])
+    measured = {name: masses(files) for name, files in groups.items()}
+    ways = [
+        (f"least mass of the {len(val)} validation photos", float(val.min())),
+        (f"least mass of train + validation ({len(both)})", float(both.min())),
+        (f"5% quantile of validation ({len(val)})", float(np.quantile(val, 0.05))),
+        (f"least of validation, never above {MASS_MAJORITY} (as stored)", min(float(val.min()), MASS_MAJORITY)),
+    ]
+    table_rows = [[name, f"{threshold:.3f}", *(f"{(measured[g] < threshold).mean():.1%}" for g in groups)] for name, threshold in ways]
+    table_rows.append(["(animal mass, min-max)", "", *(f"{m.min():.2f}-{m.max():.2f}" for m in measured.values())])
     return table_rows
 
 
@@ -149,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="MobileNetV2 weights with ImageNet's top")
     parser.add_argument("--cats-every", type=int, default=1, help="cat recall on every Nth of the AFHQ cats")
     parser.add_argument("--epochs", type=int, default=5, help="head epochs of the trained row")
+    parser.add_argument("--calibration-only", action="store_true", help="only the table of animal-mass thresholds")
     args = parser.parse_args(argv)
     missing = [p for p in (args.weights, AFHQ_SAMPLE, CATS, OTHERS) if not p.exists()]
     if missing:
@@ -159,12 +201,24 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine before: {machine()}", flush=True)
     WORKDIR.mkdir(parents=True, exist_ok=True)
-    cnn_uri, synthetic_db = default_model(RESULTS / "unfamiliar")  # sets its tracking store, reused here
+    # Sets the tracking store of the default CNN's (its synthetic catalogue too), reused here.
+    cnn_uri, synthetic_db = (None, bench_store(RESULTS / "unfamiliar")) if args.calibration_only else default_model(RESULTS / "unfamiliar")
     db = sample_catalogue(WORKDIR)
     sample, others = images_under(AFHQ_SAMPLE), images_under(OTHERS)
     cats = images_under(CATS)[:: args.cats_every]
     drawings = [Path(f) for f in catalogue_rows(synthetic_db, split="val").file]
     untrained = pretrained_model(db, args.weights, 0, WORKDIR)
+    groups = {f"AFHQ cats ({len(cats):,})": cats, f"real sample ({len(sample)})": sample, f"other things ({len(others)})": others}
+    groups[f"drawings ({len(drawings)})"] = drawings
+    calibration_table = (
+        "Calibrating the animal-mass threshold of the untrained model: share flagged",
+        ["threshold from the sample's catalogue", "mass threshold", *groups],
+        calibrations(untrained, db, groups),
+    )
+    if args.calibration_only:
+        table(*calibration_table)
+        print(f"machine after: {machine()}")
+        return 0
     trained = pretrained_model(db, args.weights, args.epochs, WORKDIR)
     rows = [
         row(name, mlflow.pyfunc.load_model(uri), sample, cats, others, drawings)
@@ -193,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         ["signal", f"real sample ({len(sample)})", f"other things ({len(others)})", f"drawings ({len(drawings)})"],
         signals(untrained, db, sample, others, drawings),
     )
+    table(*calibration_table)
     print(f"machine after: {machine()}")
     return 0
 

@@ -29,17 +29,24 @@ FRESH_SEED, FRESH_PER_CLASS = 2026, 100
 IMAGE_TYPES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
-def default_model(workdir: Path) -> tuple[str, Path]:
-    """The project's default training on the synthetic default, once; (model URI, catalogue)."""
+def bench_store(workdir: Path) -> Path:
+    """The synthetic default catalogued in workdir, and workdir's MLflow store and "bench" experiment
+    made current; returns the catalogue."""
     import mlflow
-
-    from steps.train import train
 
     db = _synthetic_catalogue(workdir, 600)
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     if mlflow.get_experiment_by_name("bench") is None:
         mlflow.create_experiment("bench", artifact_location=(workdir / "artifacts").as_uri())
     mlflow.set_experiment("bench")
+    return db
+
+
+def default_model(workdir: Path) -> tuple[str, Path]:
+    """The project's default training on the synthetic default, once; (model URI, catalogue)."""
+    from steps.train import train
+
+    db = bench_store(workdir)
     saved = workdir / "model_uri.txt"
     if saved.is_file():
         return saved.read_text().strip(), db

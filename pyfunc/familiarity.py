@@ -21,7 +21,9 @@ A model that kept ImageNet's classifier (`head=imagenet`) has a better signal of
 "mass": the distance is 1 minus the probability ImageNet's softmax puts on the cat, dog and wild
 classes (the network's `animal_mass` output), calibrated on validation the same way. Measured on
 real photos, photos of other things and drawings (docs/real-photos.md), it separates them where the
-Mahalanobis distance, fitted on a few training photos, cannot.
+Mahalanobis distance, fitted on a few training photos, cannot. Calibrated on a few dozen photos, its
+threshold also has a floor: an image at or below `floor` (mass at least 0.5) is never flagged, as
+the least mass of 42 validation photos is a noisy estimate of where real faces end.
 
 Only numpy is needed to score: the served model loads the fitted statistics from one .npz file.
 """
@@ -61,12 +63,14 @@ class Familiarity:
     reference: np.ndarray  # the validation images' distances, sorted
     flag_share: float = FLAG_SHARE
     signal: str = MAHALANOBIS
+    floor: float = 0.0  # a distance at or below this is never flagged, whatever validation says
 
     @classmethod
-    def fit_mass(cls, validation_mass: np.ndarray, flag_share: float) -> Familiarity:
-        """Signal "mass": calibrated on the validation images' mass on the animal classes."""
+    def fit_mass(cls, validation_mass: np.ndarray, flag_share: float, floor: float = 0.0) -> Familiarity:
+        """Signal "mass": calibrated on the validation images' mass on the animal classes; `floor`:
+        1 - the mass at or above which no image is flagged."""
         empty = np.zeros((0, 0), np.float32)
-        return cls(empty, empty, np.sort(1.0 - np.asarray(validation_mass, np.float64).reshape(-1)), flag_share, MASS)
+        return cls(empty, empty, np.sort(1.0 - np.asarray(validation_mass, np.float64).reshape(-1)), flag_share, MASS, floor)
 
     def features(self, taps: list[np.ndarray]) -> np.ndarray:
         """The network's familiarity outputs (with_embedding's taps) -> what `scores` takes."""
@@ -114,14 +118,20 @@ class Familiarity:
         return 1.0 - closer / len(self.reference)
 
     def unfamiliar(self, scores: np.ndarray) -> np.ndarray:
+        """The validation rule alone (no floor): use `flagged` where the distances are at hand."""
         return np.asarray(scores) < self.flag_share
+
+    def flagged(self, distances: np.ndarray) -> np.ndarray:
+        """Unfamiliar: beyond what validation allows and beyond the floor."""
+        distances = np.asarray(distances)
+        return self.unfamiliar(self.scores_of_distances(distances)) & (distances > self.floor)
 
     @property
     def threshold(self) -> float:
-        """The distance beyond which an image is unfamiliar (flag_share of validation lies beyond;
-        give or take ROUNDING)."""
+        """The distance beyond which an image is unfamiliar (flag_share of validation lies beyond,
+        give or take ROUNDING; never below the floor)."""
         index = min(int(np.floor(len(self.reference) * (1 - self.flag_share))), len(self.reference) - 1)
-        return float(self.reference[index])
+        return max(float(self.reference[index]), self.floor)
 
     def save(self, path: str | Path) -> None:
         np.savez(
@@ -131,10 +141,12 @@ class Familiarity:
             reference=self.reference,
             flag_share=np.float64(self.flag_share),
             signal=np.str_(self.signal),
+            floor=np.float64(self.floor),
         )
 
     @classmethod
     def load(cls, path: str | Path) -> Familiarity:
         with np.load(path) as stored:
             signal = str(stored["signal"]) if "signal" in stored.files else MAHALANOBIS  # older models: no signal stored
-            return cls(stored["means"], stored["whitening"], stored["reference"], float(stored["flag_share"]), signal)
+            floor = float(stored["floor"]) if "floor" in stored.files else 0.0  # older models: none
+            return cls(stored["means"], stored["whitening"], stored["reference"], float(stored["flag_share"]), signal, floor)

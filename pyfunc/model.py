@@ -165,15 +165,23 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(arrays), self.batch):
             batch = np.stack(arrays[start : start + self.batch])
             probabilities, embeddings, *taps = (np.asarray(t) for t in self._forward(batch))
-            familiarity = self.familiarity.scores(self.familiarity.features(taps))
-            for index, p, e, f, d in zip(
-                readable[start : start + self.batch], probabilities, embeddings, familiarity, digests[start : start + self.batch]
+            distances = self.familiarity.distances(self.familiarity.features(taps))
+            familiarity, flagged = self.familiarity.scores_of_distances(distances), self.familiarity.flagged(distances)
+            for index, p, e, f, u, d in zip(
+                readable[start : start + self.batch], probabilities, embeddings, familiarity, flagged, digests[start : start + self.batch]
             ):
-                rows[index] = self._answer(p, e, f, k, threshold, d)
+                rows[index] = self._answer(p, e, f, bool(u), k, threshold, d)
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
 
     def _answer(
-        self, probabilities: np.ndarray, embedding: np.ndarray, familiarity: float, k: int, threshold: float, digest: str | None = None
+        self,
+        probabilities: np.ndarray,
+        embedding: np.ndarray,
+        familiarity: float,
+        unfamiliar: bool,
+        k: int,
+        threshold: float,
+        digest: str | None = None,
     ) -> dict:
         best = int(np.argmax(probabilities))
         label, confidence = self.labels[best], float(probabilities[best])
@@ -184,7 +192,7 @@ class AnimalModel(mlflow.pyfunc.PythonModel):
             "uncertain": confidence < threshold,
             "similar": self.recommender.similar(embedding, label, k, exclude=digest),
             "error": None,
-            "unfamiliar": bool(self.familiarity.unfamiliar(familiarity)),
+            "unfamiliar": unfamiliar,
             "familiarity": round(float(familiarity), 6),
         }
 
@@ -265,6 +273,7 @@ def log_animal_model(
                     "signal": familiarity.signal,
                     "threshold": familiarity.threshold,
                     "flag_share": familiarity.flag_share,
+                    "floor": familiarity.floor,
                 },
                 # The graph's outputs in with_embedding's order: probabilities, embedding, taps.
                 "onnx": {"input": INPUT_NAME, "outputs": outputs, "checked_difference": difference},

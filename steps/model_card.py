@@ -25,7 +25,8 @@ FAMILIARITY_METHOD = (
 )
 MASS_METHOD = (
     "1 - the probability mass ImageNet's own classifier puts on its cat, dog and wild classes "
-    "(the network's animal_mass output); calibrated on the validation split. Chosen over the "
+    "(the network's animal_mass output); calibrated on the validation split, never flagged at a "
+    "mass of 0.5 or more. Chosen over the "
     "Mahalanobis distance because, measured on real photos, photos of other things and synthetic "
     "drawings, the mass separates them with a wide gap, and needs no training photos to fit "
     "(docs/real-photos.md)"

@@ -1,9 +1,13 @@
 """The upload page in a real browser (headless Debian chromium through Playwright), against the real
-scoring server of the tiny pipeline: drop or choose a photo, submit, see the label and similar images."""
+scoring server of the tiny pipeline: drop or choose a photo, submit, see the label and similar images.
+With ../shared present, also against the real-photo model (ImageNet's MobileNetV2, head=imagenet,
+epochs=0) on the real AFHQ sample: a photo of something else gets the unfamiliar note, a real cat
+does not."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import shutil
 import threading
 from pathlib import Path
@@ -12,7 +16,7 @@ import numpy as np
 import pytest
 
 from databases import catalogue
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, SHARED_SAMPLE, free_port
 from web.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
@@ -27,6 +31,9 @@ ARGS = [
 ARTIFACTS = ROOT / "tests" / "artifacts"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
+UNFAMILIAR_NOTE = "This photo is unlike the images the model was trained on — its answer is a guess."
+SHARED_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet.weights.h5"
+OTHER_THINGS = ROOT.parent / "shared" / "data" / "not-animal-faces"
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make install-test)")
 if not Path(CHROMIUM).is_file():
@@ -38,20 +45,36 @@ ALL_LOADED = """() => [...document.querySelectorAll('img:not([hidden])')].map(im
     src: img.currentSrc.slice(0, 40), ok: img.complete && img.naturalWidth > 0 }))"""
 
 
-@pytest.fixture(scope="module")
-def page_url(pipeline, scoring_server):
-    """The Flask app on a real HTTP server in a background thread, against the real scoring server."""
+@contextlib.contextmanager
+def flask_page(scoring_url: str, db: Path, image_store: Path):
+    """The Flask app on a real HTTP server in a background thread; yields its base URL."""
     from werkzeug.serving import make_server
 
-    app = create_app(
-        {"SCORING_URL": f"{scoring_server}/invocations", "ANIMAL_DB": str(pipeline.db), "IMAGE_STORE": str(pipeline.image_store)}
-    )
+    app = create_app({"SCORING_URL": f"{scoring_url}/invocations", "ANIMAL_DB": str(db), "IMAGE_STORE": str(image_store)})
     server = make_server("127.0.0.1", free_port(), app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page_url(pipeline, scoring_server):
+    """The page against the real scoring server of the tiny pipeline."""
+    with flask_page(scoring_server, pipeline.db, pipeline.image_store) as url:
+        yield url
+
+
+def served_answers(scoring_url: str, paths: list[Path]) -> list[dict]:
+    """The served model's own rows for these files (no similar images): what the page will be told."""
+    import requests
+
+    rows = [[base64.b64encode(p.read_bytes()).decode()] for p in paths]
+    body = {"dataframe_split": {"columns": ["image"], "data": rows}, "params": {"k": 0}}
+    return requests.post(f"{scoring_url}/invocations", json=body, timeout=120).json()["predictions"]
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +86,18 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def photo(pipeline, tmp_path_factory) -> Path:
-    """A catalogue image under a plain file name, as a person would pick it."""
+def photo(pipeline, scoring_server, tmp_path_factory) -> Path:
+    """The validation image the served model finds most familiar, under a plain file name, as a person
+    would pick it: the page must then show its label with no unfamiliar note."""
     conn = catalogue.connect(pipeline.db, readonly=True)
     try:
-        source = catalogue.images(conn, split="val").file.iloc[0]
+        files = [Path(f) for f in catalogue.images(conn, split="val").file]
     finally:
         conn.close()
-    return Path(shutil.copy(source, tmp_path_factory.mktemp("upload") / "my-animal.jpg"))
+    rows = served_answers(scoring_server, files)
+    best = max(range(len(rows)), key=lambda i: rows[i]["familiarity"])
+    assert rows[best]["unfamiliar"] is False, rows[best]
+    return Path(shutil.copy(files[best], tmp_path_factory.mktemp("upload") / "my-animal.jpg"))
 
 
 def open_page(browser, url: str, viewport: dict, **options):
@@ -99,6 +126,27 @@ def check_result(page) -> str:
     return label
 
 
+def upload(browser, url: str, path: Path):
+    """A fresh desktop page, `path` chosen and submitted; returns the result page, loaded."""
+    page = open_page(browser, url, DESKTOP)
+    page.set_input_files("input[name=image]", str(path))
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    page.wait_for_load_state("load")
+    return page
+
+
+def check_unfamiliar(page, row: dict) -> None:
+    """The page shows the unfamiliar note and the model's label only as a guess."""
+    note = page.locator("[data-unfamiliar]")
+    sync_api.expect(note).to_be_visible()
+    assert " ".join(note.inner_text().split()) == UNFAMILIAR_NOTE
+    assert page.locator("h1[data-label], .label").count() == 0  # no bold, confident label
+    guess = page.locator("[data-label]").inner_text().strip().lower()
+    assert guess == row["label"] and page.title() == f"A guess: {guess.capitalize()} · Animal faces"
+    assert page.problems == []
+
+
 def test_upload_through_the_page(browser, page_url, photo):
     page = open_page(browser, page_url, DESKTOP)
     assert page.title() == "Animal faces"
@@ -112,6 +160,7 @@ def test_upload_through_the_page(browser, page_url, photo):
     assert page.url == f"{page_url}/predict"
     label = check_result(page)
     assert page.title() == f"{label.capitalize()} · Animal faces"
+    assert page.locator("[data-unfamiliar]").count() == 0  # the model finds it familiar: no note
     assert page.locator("[data-uploaded]").get_attribute("src").startswith("data:image/jpeg;base64,")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=ARTIFACTS / "browser-result.png", full_page=True)
@@ -201,28 +250,64 @@ def test_an_unfamiliar_photo_gets_the_note_not_a_label(browser, page_url, scorin
     import requests
 
     candidates = far_off_images(tmp_path)
-    body = {
-        "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()] for p in candidates]},
-        "params": {"k": 0},
-    }
-    rows = requests.post(f"{scoring_server}/invocations", json=body, timeout=60).json()["predictions"]
+    rows = served_answers(scoring_server, candidates)
     oddest = min(range(len(rows)), key=lambda i: rows[i]["familiarity"])
     assert rows[oddest]["unfamiliar"] is True, rows  # the served model flags it: now the page must say so
 
     assert requests.get(f"{page_url}/api/model", timeout=120).ok  # the footer's card, read once
-    page = open_page(browser, page_url, DESKTOP)
-    page.set_input_files("input[name=image]", str(candidates[oddest]))
-    with page.expect_navigation():
-        page.click("button[type=submit]")
-    page.wait_for_load_state("load")
-    note = page.locator("[data-unfamiliar]")
-    sync_api.expect(note).to_be_visible()
-    assert note.inner_text().strip() == ("This photo is unlike the images the model was trained on — its answer is a guess.")
-    assert page.locator("h1[data-label], .label").count() == 0  # no bold, confident label
-    guess = page.locator("[data-label]").inner_text().strip().lower()
-    assert guess == rows[oddest]["label"] and page.title() == f"A guess: {guess.capitalize()} · Animal faces"
+    page = upload(browser, page_url, candidates[oddest])
+    check_unfamiliar(page, rows[oddest])
     assert page.locator("[data-model-version]").inner_text() == pipeline.version
-    assert page.problems == []
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=ARTIFACTS / "browser-unfamiliar.png", full_page=True)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def real_photo_page(tmp_path_factory, tracking_store):
+    """The real-photo model (shared ImageNet weights, head=imagenet, epochs=0, 224 px) registered from
+    the 57-photo AFHQ sample's catalogue, served, and the page against it: (scoring URL, page URL)."""
+    if not (SHARED_WEIGHTS.is_file() and SHARED_SAMPLE.is_dir() and OTHER_THINGS.is_dir()):
+        pytest.skip("no shared ImageNet weights, AFHQ sample or photos of other things (../shared)")
+    from steps.defaults import Hyperparameters
+    from steps.extract import extract
+    from steps.populate import populate
+    from steps.register import register
+    from steps.train import train
+    from web.serve import scoring_server
+
+    root = tmp_path_factory.mktemp("real-photos")
+    image_store, metadata, db = root / "images", root / "metadata.csv", root / "sample.db"
+    extract(str(SHARED_SAMPLE), image_store, metadata)
+    populate(metadata, image_store, db)
+    hp = Hyperparameters(backbone="mobilenet_v2", weights=str(SHARED_WEIGHTS), head="imagenet")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANIMAL_FEATURE_CACHE", str(root / "features"))  # never the checkout's outputs/
+        _, _, model_uri = train(db, image_size=224, epochs=0, hp=hp)
+    version = register(model_uri, db, name="animal-real-photos").version
+    model = f"models:/animal-real-photos/{version}"
+    log = root / "serve.log"
+    with scoring_server(model, wait=180, tracking_uri=tracking_store, log=log) as served, flask_page(served.url, db, image_store) as url:
+        yield served.url, url
+
+
+def test_the_real_photo_model_notes_a_photo_of_something_else(browser, real_photo_page):
+    scoring_url, url = real_photo_page
+    # A human face: a face, but not an animal's (the issue's "photo of something else").
+    other = OTHER_THINGS / "face.jpg"
+    cats = sorted((SHARED_SAMPLE / "val" / "cat").glob("*.jpg"))
+    other_row, *cat_rows = served_answers(scoring_url, [other, *cats])
+    assert other_row["unfamiliar"] is True, other_row  # the model's own answer first: then the page's
+    page = upload(browser, url, other)
+    check_unfamiliar(page, other_row)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "browser-real-unfamiliar.png", full_page=True)
+    page.close()
+
+    # A real cat the model calls cat and familiar: the label, its similar real photos, no note.
+    familiar = [cat for cat, row in zip(cats, cat_rows) if row["label"] == "cat" and row["unfamiliar"] is False]
+    assert familiar, cat_rows
+    page = upload(browser, url, familiar[0])
+    assert check_result(page) == "cat"
+    assert page.locator("[data-unfamiliar]").count() == 0
     page.close()

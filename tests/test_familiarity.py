@@ -72,3 +72,27 @@ def test_pooled_averages_space_and_scales_each_layer_to_unit_length():
     np.testing.assert_allclose(np.linalg.norm(out[:, :4], axis=1), 1)
     np.testing.assert_allclose(out[0, 4:], [0.6, 0.8])
     assert np.isfinite(out).all()  # an all-zero layer stays zero, not NaN
+
+
+def test_the_mass_signal_flags_nothing_at_or_under_its_floor():
+    """Validation's least mass is 0.65; with a floor at distance 0.5 (mass 0.5) an image of mass 0.6 is
+    farther than every validation image (familiarity 0) yet not flagged; one of mass 0.4 is."""
+    validation_mass = np.linspace(0.65, 0.98, 42)
+    floored = Familiarity.fit_mass(validation_mass, 0.01, floor=0.5)
+    plain = Familiarity.fit_mass(validation_mass, 0.01)
+    mass = np.array([0.9, 0.6, 0.5, 0.4, 0.0])
+    distances = floored.distances(mass)
+    assert list(floored.scores_of_distances(distances) == 0) == [False, True, True, True, True]
+    assert list(floored.flagged(distances)) == [False, False, False, True, True]
+    assert list(plain.flagged(plain.distances(mass))) == [False, True, True, True, True]
+    assert floored.threshold == 0.5 and plain.threshold == pytest.approx(0.35)
+    assert not floored.flagged(floored.distances(validation_mass)).any()
+
+
+def test_the_floor_is_stored_and_older_files_have_none(tmp_path):
+    floored = Familiarity.fit_mass(np.linspace(0.65, 0.98, 42), 0.01, floor=0.5)
+    floored.save(tmp_path / "familiarity.npz")
+    assert Familiarity.load(tmp_path / "familiarity.npz").floor == 0.5
+    with np.load(tmp_path / "familiarity.npz") as stored:
+        np.savez(tmp_path / "older.npz", **{key: stored[key] for key in stored.files if key != "floor"})
+    assert Familiarity.load(tmp_path / "older.npz").floor == 0.0
