@@ -190,7 +190,7 @@ def test_standalone_cluster_reads_the_teams_bucket(collection, model, cluster, f
 
 @pytest.fixture
 def many_images(pipeline, tmp_path_factory) -> Path:
-    """600 distinct small photos: enough that a job of 8-file slices is still running when a worker is killed."""
+    """600 distinct small photos: enough that a job of 150 4-file slices is still running when a worker is killed."""
     from steps.extract import extract
 
     root = tmp_path_factory.mktemp("many")
@@ -209,7 +209,7 @@ def test_a_worker_killed_mid_job(model, many_images, fresh_session, tmp_path_fac
 
     def job() -> None:
         try:
-            outcome["result"] = scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=8, interactive=False)
+            outcome["result"] = scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=4, interactive=False)
         except scoring.InputError as error:
             outcome["error"] = error
 
@@ -228,7 +228,7 @@ def test_a_worker_killed_mid_job(model, many_images, fresh_session, tmp_path_fac
             message = str(outcome["error"])
             assert "\n" not in message and message.startswith("the Spark job failed"), message
             assert not output.exists() and list(partial.glob("part-*.parquet"))
-            scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=8, interactive=False)
+            scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=4, interactive=False)
     finally:
         spark_cluster.stop(state)
     table = pq.read_table(output).to_pandas()
