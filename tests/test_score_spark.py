@@ -235,3 +235,21 @@ def test_a_worker_killed_mid_job(model, many_images, fresh_session, tmp_path_fac
     expected = scoring.score(many_images, tmp_path / "local.parquet", SCORE_MODEL_URI, batch_size=8, interactive=False).table
     assert len(table) == 600 and table.error.isna().all()
     assert_same_rows(table, expected)
+
+
+def test_a_job_that_fails_on_every_try_stops_with_one_line(fresh_session, tmp_path, monkeypatch, capsys, pipeline):
+    """An object store the executors cannot reach fails every try of a task: `score` says so in one
+    line (exit code 2) and writes no output."""
+    from web.serve import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    listing = tmp_path / "keys.txt"
+    listing.write_text("s3://images/a.jpg\ns3://images/b.jpg\n")
+    output = tmp_path / "out.parquet"
+    code = scoring.main(["--input", str(listing), "--output", str(output), "--engine", "spark", "--spark-master", "local[2]"])
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("score: error: the Spark job failed: ") and "is unreachable at http://127.0.0.1" in error, error
+    assert not output.exists()
