@@ -115,7 +115,8 @@ def fresh_session():
     from pyspark.sql import SparkSession
 
     def stop() -> None:
-        active = SparkSession.getActiveSession()
+        # The process's session, also one a thread created (getActiveSession sees only this thread's).
+        active = SparkSession._instantiatedSession or SparkSession.getActiveSession()
         if active is not None:
             active.stop()
 
