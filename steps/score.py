@@ -3,9 +3,10 @@
     mlflow run . -e score --env-manager local -P input=photos/ -P output=predictions.parquet
     python -m steps.score --input photos.zip --output predictions.csv [--engine spark]
 
-The input is a folder (walked to any depth), a .zip, or a text file listing image paths (one per
-line, relative to the list's own folder). Every file goes through the registered pyfunc, the
-scoring server's own preprocessing and answer, in batches. A file that cannot be read or decoded
+The input is a folder (walked to any depth), a .zip, a text file listing image paths (one per
+line, relative to the list's own folder, or s3:// URLs), or s3://bucket/prefix (read through
+databases/image_store.py, so also by a Spark cluster's executors). Every file goes through the
+registered pyfunc, the scoring server's own preprocessing and answer, in batches. A file that cannot be read or decoded
 is a row with its `error`; it never stops the job. Rows are written as they come to
 `<output>.partial/` and the output appears under its final name only when complete, so an
 interrupted run (Ctrl-C, kill) continues where it stopped when run again. Files with the same

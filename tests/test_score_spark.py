@@ -115,7 +115,8 @@ def fresh_session():
     from pyspark.sql import SparkSession
 
     def stop() -> None:
-        active = SparkSession.getActiveSession()
+        # The process's session, also one a thread created (getActiveSession sees only this thread's).
+        active = SparkSession._instantiatedSession or SparkSession.getActiveSession()
         if active is not None:
             active.stop()
 
@@ -190,7 +191,7 @@ def test_standalone_cluster_reads_the_teams_bucket(collection, model, cluster, f
 
 @pytest.fixture
 def many_images(pipeline, tmp_path_factory) -> Path:
-    """600 distinct small photos: enough that a job of 8-file slices is still running when a worker is killed."""
+    """600 distinct small photos: enough that a job of 150 4-file slices is still running when a worker is killed."""
     from steps.extract import extract
 
     root = tmp_path_factory.mktemp("many")
@@ -209,7 +210,7 @@ def test_a_worker_killed_mid_job(model, many_images, fresh_session, tmp_path_fac
 
     def job() -> None:
         try:
-            outcome["result"] = scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=8, interactive=False)
+            outcome["result"] = scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=4, interactive=False)
         except scoring.InputError as error:
             outcome["error"] = error
 
@@ -228,10 +229,28 @@ def test_a_worker_killed_mid_job(model, many_images, fresh_session, tmp_path_fac
             message = str(outcome["error"])
             assert "\n" not in message and message.startswith("the Spark job failed"), message
             assert not output.exists() and list(partial.glob("part-*.parquet"))
-            scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=8, interactive=False)
+            scoring.score(many_images, output, engine="spark", spark_master=own.master, batch_size=4, interactive=False)
     finally:
         spark_cluster.stop(state)
     table = pq.read_table(output).to_pandas()
     expected = scoring.score(many_images, tmp_path / "local.parquet", SCORE_MODEL_URI, batch_size=8, interactive=False).table
     assert len(table) == 600 and table.error.isna().all()
     assert_same_rows(table, expected)
+
+
+def test_a_job_that_fails_on_every_try_stops_with_one_line(fresh_session, tmp_path, monkeypatch, capsys, pipeline):
+    """An object store the executors cannot reach fails every try of a task: `score` says so in one
+    line (exit code 2) and writes no output."""
+    from web.serve import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    listing = tmp_path / "keys.txt"
+    listing.write_text("s3://images/a.jpg\ns3://images/b.jpg\n")
+    output = tmp_path / "out.parquet"
+    code = scoring.main(["--input", str(listing), "--output", str(output), "--engine", "spark", "--spark-master", "local[2]"])
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("score: error: the Spark job failed: ") and "is unreachable at http://127.0.0.1" in error, error
+    assert not output.exists()
