@@ -3,7 +3,7 @@
 Threaded workers, so that a slow client holds one thread, not a whole worker: with the defaults
 below, 2 x 32 = 64 requests are served at once, and a client that trickles its request still leaves
 the others answered (tests/test_reliability_probe.py::test_slow_clients_do_not_stop_the_page,
-tests/test_issue19_web.py::test_twenty_trickling_clients_leave_the_page_answering). Threads, not
+tests/test_web_faults.py::test_twenty_trickling_clients_leave_the_page_answering). Threads, not
 workers: each trickling connection holds one thread of the worker that accepted it, and the two
 workers do not share them out evenly, so with 8 threads a worker was full at 12 such clients
 (issue 19); an idle thread costs a stack, not a copy of the app. gunicorn has no deadline for reading
