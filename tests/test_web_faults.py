@@ -11,11 +11,10 @@ import sqlite3
 import threading
 import time
 
-import pandas as pd
 import pytest
 import requests
 
-from steps import model_card
+from tests.test_model_card import photo_card_facts
 from tests.test_reliability_probe import FakeScoring, jpeg, png, row, upload
 from web.app import create_app
 from web.model_info import ModelInfo
@@ -118,20 +117,7 @@ def test_catalogue_timeout_must_be_positive(tmp_path):
 
 
 def card_facts() -> dict:
-    frame = pd.DataFrame({"split": ["train", "val"] * 3, "label": ["cat", "cat", "dog", "dog", "wild", "wild"], "source": ["afhq"] * 6})
-    facts = model_card.training_facts(
-        frame,
-        ["cat", "dog", "wild"],
-        "0" * 64,
-        224,
-        0.9,
-        {"cat": 1.0, "dog": 1.0, "wild": 0.7},
-        [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
-        12.5,
-        0.05,
-        0.05,
-        {"backbone": "<script>alert(1)</script>", "weights": "imagenet"},
-    )
+    facts = photo_card_facts("<script>alert(1)</script>")
     facts["model"].update({"name": "animal", "version": "4", "run_id": "abc123"})
     return facts
 
