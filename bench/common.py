@@ -57,8 +57,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def tree_rss_mb(root: int) -> float:
-    """Resident memory (VmRSS) of process `root` and all its descendants (server workers), in MB."""
+def process_tree(roots: list[int]) -> list[int]:
+    """The processes `roots` and all their descendants (server workers, executors), by pid."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -68,12 +68,17 @@ def tree_rss_mb(root: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    total_kb, todo = 0, [root]
+    found, todo = [], list(roots)
     while todo:
         pid = todo.pop()
-        total_kb += _rss_kb(pid)
+        found.append(pid)
         todo.extend(children.get(pid, []))
-    return total_kb / 1024
+    return found
+
+
+def tree_rss_mb(root: int) -> float:
+    """Resident memory (VmRSS) of process `root` and all its descendants (server workers), in MB."""
+    return sum(_rss_kb(pid) for pid in process_tree([root])) / 1024
 
 
 def _rss_kb(pid: int) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 STARTED = time.monotonic()  # before the heavy imports: they are part of the start-up
 
 from bench.batch_scoring import TreeMemory  # noqa: E402 (after the clock starts)
-from bench.common import RESULTS, ROOT, machine, setup, table, tree_rss_mb  # noqa: E402
+from bench.common import RESULTS, ROOT, machine, process_tree, setup, table, tree_rss_mb  # noqa: E402
 from web.serve import server_env  # noqa: E402
 
 WORKDIR = RESULTS / "spark_scoring"
@@ -131,7 +131,7 @@ class CpuByKind(TreeMemory):
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for pid in _trees(self.pids):
+            for pid in process_tree(self.pids):
                 figures = _cpu(pid, driver=self.pids[0])
                 if figures is not None:
                     self.seen[pid] = figures
@@ -143,23 +143,6 @@ class CpuByKind(TreeMemory):
         for kind, seconds in self.seen.values():
             totals[kind] = totals.get(kind, 0.0) + seconds
         return totals
-
-
-def _trees(roots: list[int]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], list(roots)
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def _cpu(pid: int, driver: int) -> tuple[str, float] | None:
