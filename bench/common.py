@@ -24,9 +24,10 @@ from steps import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"  # git-ignored: plots and the benchmarks' own pipeline run
-# The 57 real AFHQ photos (CC BY-NC 4.0) beside the checkout when present, as the tests read them;
+# The real photos and ImageNet weights beside the checkout when present, as the tests read them;
 # never copied into the repository. Benchmarks that use them take another folder as a flag.
-AFHQ_SAMPLE = ROOT.parent / "shared" / "data" / "afhq-sample"
+SHARED = ROOT.parent / "shared"
+AFHQ_SAMPLE = SHARED / "data" / "afhq-sample"  # 57 real AFHQ photos (CC BY-NC 4.0)
 MODEL_NAME, STAGE = "animal", "Production"
 
 

@@ -32,13 +32,13 @@ import time
 from pathlib import Path
 
 from bench.batch_scoring import Measured, distinct_copies, photos, run_score
-from bench.common import AFHQ_SAMPLE, RESULTS, ROOT, _rss_kb, machine, percentiles, setup, table, tree_rss_mb
+from bench.common import AFHQ_SAMPLE, RESULTS, SHARED, _rss_kb, machine, percentiles, setup, table, tree_rss_mb
 from bench.serving import run_load
 from pyfunc.model import RUNTIME_VARIABLE
 from web.serve import start_scoring_server
 
 WORKDIR = RESULTS / "onnx_runtime"
-WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.weights.h5"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.weights.h5"
 RUNTIMES = ("onnx", "keras")
 
 

@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.common import AFHQ_SAMPLE, RESULTS, ROOT, catalogue_rows, machine, table
+from bench.common import AFHQ_SAMPLE, RESULTS, SHARED, catalogue_rows, machine, table
 from bench.unfamiliar import bench_store, default_model
 
-SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet.weights.h5"
 CATS = SHARED / "data" / "afhq-cats"
 OTHERS = SHARED / "data" / "not-animal-faces"
