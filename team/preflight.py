@@ -79,15 +79,13 @@ def permission_problem(error: BaseException) -> str | None:
     """The one line for a request the tracking server refused (401 or 403), else None."""
     from mlflow.exceptions import MlflowException
 
+    if (artifacts := _artifacts_refused(error)) is not None:
+        return artifacts
     if not isinstance(error, MlflowException) or error.get_http_status_code() not in (401, 403):
         return None
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     if error.get_http_status_code() == 401 or not user:
-        return (
-            f"the MLflow tracking server {tracking_uri()} did not accept the login of "
-            f"{user or 'an anonymous client'}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-            "(`source` the env file `python -m team user add` wrote for you)"
-        )
+        return _login_refused(user)
     endpoint, method, body = _refused_request(error)
     reading = ("read", "READ", "model" if "model" in endpoint else "experiment")
     writing = (rule[1:] for rule in _WRITES if re.search(rule[0], endpoint))
@@ -99,6 +97,37 @@ def permission_problem(error: BaseException) -> str | None:
     else:
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or _experiment_name(body.get("experiment_id")) or "animal-faces"
         resource = f"experiment {experiment}"
+    return f"permission denied: {user} may not {what} {resource} (needs {permission} on {resource})"
+
+
+def _login_refused(user: str | None) -> str:
+    return (
+        f"the MLflow tracking server {tracking_uri()} did not accept the login of "
+        f"{user or 'an anonymous client'}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+        "(`source` the env file `python -m team user add` wrote for you)"
+    )
+
+
+def _artifacts_refused(error: BaseException) -> str | None:
+    """The one line for an artifact download or upload the server refused. MLflow's artifact proxy
+    answers through `requests` (an HTTPError, not an MlflowException); its path starts with the
+    experiment's id: `<experiment id>/<run id or models/...>/...`."""
+    from urllib.parse import parse_qs, urlparse
+
+    import requests
+
+    response = getattr(error, "response", None)
+    if not isinstance(error, requests.HTTPError) or response is None or response.status_code not in (401, 403):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if response.status_code == 401 or not user:
+        return _login_refused(user)
+    url = urlparse(response.url or "")
+    path = parse_qs(url.query).get("path", [url.path.partition("/mlflow-artifacts/artifacts/")[2]])[0]
+    experiment_id = path.split("/", 1)[0]
+    resource = f"experiment {_experiment_name(experiment_id) or 'animal-faces'}"
+    reading = response.request is None or response.request.method in ("GET", "HEAD")
+    what, permission = ("read the artifacts of", "READ") if reading else ("write artifacts to", "EDIT")
     return f"permission denied: {user} may not {what} {resource} (needs {permission} on {resource})"
 
 

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from sqlalchemy.exc import OperationalError
 
 from steps import populate
+from team import preflight
 from team.preflight import HTTP_DEFAULTS
 from tests.conftest import VENV_PATH, free_port, run_pipeline
 from web.serve import wait_until_ready
@@ -50,6 +51,26 @@ def test_other_database_errors_are_not_hidden(tmp_path, monkeypatch):
     monkeypatch.setattr(populate, "populate", bug)
     with pytest.raises(ProgrammingError):
         populate.main(["--metadata", str(tmp_path / "m.csv")])
+
+
+def test_an_artifact_download_the_server_refuses_is_one_line(monkeypatch, capsys):
+    """MLflow's artifact proxy refuses through `requests` (an HTTPError, not an MlflowException): a
+    step that may not read a model's files still ends in one line naming what it lacked."""
+    import requests
+
+    url = "http://127.0.0.1:1/api/2.0/mlflow-artifacts/artifacts?path=2%2Fmodels%2Fm-1%2Fartifacts"
+    refused = requests.Response()
+    refused.status_code, refused.url, refused.request = 403, url, requests.Request("GET", url).prepare()
+
+    def download(*args, **kwargs):
+        raise requests.HTTPError("403 Client Error: Forbidden", response=refused)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer-1")
+    monkeypatch.setattr(preflight, "_experiment_name", lambda experiment_id: experiment_id)  # no server to ask
+    monkeypatch.setattr(populate, "populate", download)
+    assert populate.main(["--metadata", "m.csv", "--db", "c.db"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "populate: error: permission denied: trainer-1 may not read the artifacts of experiment 2 (needs READ on experiment 2)"
 
 
 def test_the_tracking_server_killed_during_train_is_one_line_that_says_how_to_end_the_run(tmp_path):

@@ -772,8 +772,16 @@ def test_a_reader_reads_a_trainer_registers_only_a_releaser_promotes(team_pipeli
     admin = team_pipeline["client"]
     trained = team_pipeline["train_run"]
     model_uri, run_id = trained.data.tags["model_uri"], trained.info.run_id
-    before = admin.get_model_version_by_alias("animal", "production")
     experiment = team_pipeline["experiment"]  # animal-faces, where the people have their roles
+    # Production back on the pipeline's own version: the distributed tune test may have promoted its
+    # best model, whose files lie in its own experiment, where these people have no role.
+    (pipeline_version,) = admin.search_model_versions(f"name = 'animal' AND run_id = '{run_id}'")
+    current = admin.get_model_version_by_alias("animal", "production")
+    if current.version != pipeline_version.version:
+        admin.transition_model_version_stage("animal", pipeline_version.version, "Production")
+        admin.transition_model_version_stage("animal", current.version, "Archived")
+        admin.set_registered_model_alias("animal", "production", pipeline_version.version)
+    before = admin.get_model_version_by_alias("animal", "production")
 
     reader = use_login(monkeypatch, people, "reader")
     assert reader.get_model_version_by_alias("animal", "production").version == before.version
